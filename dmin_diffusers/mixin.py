@@ -1,0 +1,248 @@
+"""`InfluenceMixin`: `build_attribution_index`, `load_attribution_index` and `attribute` on diffusers pipelines."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
+from tqdm.auto import tqdm
+
+from .config import DMinConfig
+from .families import PipelineFamily, detect_family
+from .gradients import GradientSketcher, check_config_matches, resolve_config
+from .index import AttributionIndex, prepare_index_directory
+from .inputs import ImageInput, to_pil
+from .result import AttributionResult
+from .store import VectorStoreWriter
+
+DEFAULT_CAPTION_COLUMN = "text"
+
+
+class InfluenceMixin:
+    """Adds DMin training-data attribution to a diffusers pipeline (DDPM, Stable Diffusion, SD3).
+
+    Index state lives in private attributes, so the pipeline's components, config and ``save_pretrained``
+    output are those of the plain diffusers class.
+    """
+
+    _attribution_index: AttributionIndex | None = None
+    _attribution_sketcher: GradientSketcher | None = None
+
+    def to_json_string(self) -> str:
+        # Save under the plain diffusers class name so that the saved pipeline loads without this package.
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = _diffusers_base(type(self)).__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+    @property
+    def attribution_index(self) -> AttributionIndex | None:
+        """The attached :class:`AttributionIndex`, if any."""
+        return self._attribution_index
+
+    def build_attribution_index(
+        self,
+        dataset: Any,
+        output_dir: str | os.PathLike,
+        config: DMinConfig | None = None,
+        image_column: str = "image",
+        caption_column: str | None = None,
+        progress: bool = True,
+    ) -> AttributionIndex:
+        """Caches the compressed gradients of every row of ``dataset`` in ``output_dir``, builds the HNSW
+        index and attaches the result to this pipeline.
+
+        A run interrupted part-way can be resumed by calling again with the same arguments: finished rows are
+        kept and skipped. A directory holding anything else, or an index with other settings, is refused.
+
+        Args:
+            dataset: a ``datasets.Dataset`` (rows are identified by their position in it).
+            output_dir: directory for the index files.
+            config: DMin settings; the paper's defaults when omitted.
+            image_column: column with the training images.
+            caption_column: column with the prompts (text-to-image pipelines only; default ``"text"``).
+            progress: show a tqdm progress bar.
+        """
+        family = detect_family(self)
+        caption_column = _check_dataset(dataset, image_column, caption_column, family)
+        config = resolve_config(config or DMinConfig(), family)
+        dataset_info = {
+            "num_rows": len(dataset),
+            "image_column": image_column,
+            "caption_column": caption_column,
+            "fingerprint": getattr(dataset, "_fingerprint", None),
+            "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
+        }
+        prepare_index_directory(output_dir, config, dataset_info)
+        sketcher = GradientSketcher(family, config)
+        writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size)
+        todo = [row for row in range(len(dataset)) if row not in writer.done]
+        rows = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
+        bar = tqdm(
+            total=len(dataset), initial=len(dataset) - len(todo), disable=not progress, unit="row",
+            desc="Caching DMin gradients",
+        )
+        try:
+            for row_id in todo:
+                row = rows[row_id]
+                example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
+                writer.add(row_id, sketcher.sketch(example))
+                bar.update()
+        finally:
+            writer.flush()  # keep every finished row, even when a row fails
+            bar.close()
+        index = AttributionIndex(output_dir, dataset=dataset)
+        index.build_knn()
+        self._attribution_index, self._attribution_sketcher = index, sketcher
+        return index
+
+    def load_attribution_index(
+        self, index: str | os.PathLike | AttributionIndex, dataset: Any = None, strict: bool = True
+    ) -> AttributionIndex:
+        """Attaches a saved index to this pipeline.
+
+        Args:
+            index: a directory written by ``build_attribution_index`` / ``save_pretrained``, or an index.
+            dataset: the training ``datasets.Dataset``, so that results can return the rows themselves.
+            strict: refuse (``ValueError``) an index whose config or tracked parameters do not match this
+                pipeline; with ``False`` only warn.
+        """
+        if not isinstance(index, AttributionIndex):
+            index = AttributionIndex.from_pretrained(index, dataset=dataset)
+        elif dataset is not None:
+            index.attach_dataset(dataset)
+        family = detect_family(self)
+        differences = check_config_matches(index.config, family)
+        if differences:
+            message = (
+                f"the attribution index in {index.directory} does not belong to this {type(self).__name__}: "
+                + "; ".join(differences)
+            )
+            if strict:
+                raise ValueError(message + " (pass strict=False to use it anyway)")
+            warnings.warn(message, stacklevel=2)
+        self._attribution_index = index
+        self._attribution_sketcher = GradientSketcher(family, index.config)
+        return index
+
+    def attribution_vector(self, image: ImageInput, prompt: str | None = None) -> torch.Tensor:
+        """The ``(T, K)`` DMin vector of one image (and prompt), computed exactly as for training rows."""
+        sketcher = self._require_sketcher()
+        _check_prompt(sketcher.family, prompt)
+        return sketcher.sketch(sketcher.prepare(image, prompt))
+
+    def attribute(
+        self, image: ImageInput, prompt: str | None = None, top_k: int = 10, exact: bool = False
+    ) -> AttributionResult:
+        """The ``top_k`` training rows with the largest DMin influence on ``image``.
+
+        Args:
+            image: the generated image: PIL, numpy or torch, as diffusers pipelines return it.
+            prompt: the prompt it was generated from (omit for unconditional pipelines).
+            top_k: how many rows to return (all rows if the index has fewer).
+            exact: score every row; by default HNSW proposes the candidates.
+        """
+        if not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        index = self._require_index()
+        vector = self.attribution_vector(image, prompt)
+        indices, scores = index.search(vector, top_k, exact=exact)
+        return AttributionResult(
+            indices=indices,
+            scores=scores,
+            image=to_pil(image),
+            prompt=prompt,
+            exact=exact,
+            dataset=index.dataset,
+            image_column=index.dataset_info.get("image_column"),
+            caption_column=index.dataset_info.get("caption_column"),
+        )
+
+    def _require_index(self) -> AttributionIndex:
+        if self._attribution_index is None:
+            raise ValueError(
+                "no attribution index is attached: call build_attribution_index(...) or load_attribution_index(...)"
+            )
+        return self._attribution_index
+
+    def _require_sketcher(self) -> GradientSketcher:
+        self._require_index()
+        return self._attribution_sketcher
+
+
+def _check_prompt(family: PipelineFamily, prompt: Any) -> None:
+    if not family.takes_prompt:
+        if prompt is not None:
+            raise ValueError(f"{family.name} pipelines are unconditional: call attribute(image) without a prompt")
+        return
+    if prompt is None:
+        raise ValueError(f"{family.name} pipelines are text-to-image: attribute(image, prompt) needs the prompt")
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+
+
+def _check_dataset(dataset: Any, image_column: str, caption_column: str | None, family: PipelineFamily):
+    """Validates the dataset and returns the caption column to use (``None`` for unconditional models)."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TypeError(
+            f"dataset must be a datasets.Dataset (rows are addressed by position), got {type(dataset).__name__}"
+        )
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    if family.takes_prompt:
+        caption_column = caption_column or DEFAULT_CAPTION_COLUMN
+    else:
+        caption_column = None  # unconditional models have no prompt
+    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(
+                f"{role} {column!r} is not a column of the dataset; its columns are {dataset.column_names}"
+            )
+    return caption_column
+
+
+def _diffusers_base(cls: type) -> type:
+    """The first class in the MRO that does not derive from `InfluenceMixin` (the diffusers pipeline)."""
+    return next(base for base in cls.__mro__ if not issubclass(base, InfluenceMixin))
+
+
+class DMinDDPMPipeline(InfluenceMixin, DDPMPipeline):
+    """`DDPMPipeline` with DMin attribution: ``pipe.attribute(image, top_k=10)``."""
+
+
+class DMinStableDiffusionPipeline(InfluenceMixin, StableDiffusionPipeline):
+    """`StableDiffusionPipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
+
+
+class DMinStableDiffusion3Pipeline(InfluenceMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
+
+
+_READY_MADE = {
+    DDPMPipeline: DMinDDPMPipeline,
+    StableDiffusionPipeline: DMinStableDiffusionPipeline,
+    StableDiffusion3Pipeline: DMinStableDiffusion3Pipeline,
+}
+_DYNAMIC: dict[type, type] = {}
+
+
+def enable_attribution(pipeline: DiffusionPipeline) -> DiffusionPipeline:
+    """Gives an existing pipeline instance the `InfluenceMixin` methods, in place, and returns it.
+
+    Its components are untouched, and ``save_pretrained`` still writes the original class name.
+    """
+    if isinstance(pipeline, InfluenceMixin):
+        return pipeline
+    if not isinstance(pipeline, DiffusionPipeline):
+        raise TypeError(f"expected a diffusers pipeline, got {type(pipeline).__name__}")
+    detect_family(pipeline)  # fail early for unsupported pipelines
+    cls = type(pipeline)
+    if cls not in _READY_MADE and cls not in _DYNAMIC:
+        _DYNAMIC[cls] = type(f"DMin{cls.__name__}", (InfluenceMixin, cls), {"__module__": __name__})
+    pipeline.__class__ = _READY_MADE.get(cls) or _DYNAMIC[cls]
+    return pipeline

@@ -1,0 +1,161 @@
+"""On-disk rows: safetensors shards listed in a JSON manifest.
+
+A shard holds ``vectors`` (rows x row_dim, in the storage dtype) and ``row_ids`` (int64 dataset row numbers).
+Shards and the manifest are written to a temporary name and renamed, and a shard only counts once the
+manifest lists it, so a process killed at any moment leaves a consistent store that can be resumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "vectors"
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def read_manifest(directory: str | os.PathLike) -> dict | None:
+    path = Path(directory) / MANIFEST_NAME
+    if not path.exists():
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+class VectorStoreWriter:
+    """Appends rows to a store, resuming one that already exists with the same row size and dtype."""
+
+    def __init__(self, directory: str | os.PathLike, row_dim: int, dtype: str, shard_size: int = 1024):
+        self.directory = Path(directory)
+        (self.directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        self.row_dim, self.dtype, self.shard_size = row_dim, dtype, shard_size
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            manifest = {"format": "dmin-vectors", "version": 1, "row_dim": row_dim, "dtype": dtype, "shards": []}
+        elif (manifest["row_dim"], manifest["dtype"]) != (row_dim, dtype):
+            raise ValueError(
+                f"the store in {self.directory} holds rows of {manifest['row_dim']} {manifest['dtype']} values, "
+                f"not {row_dim} {dtype}"
+            )
+        self.manifest = manifest
+        self.done: set[int] = set()
+        for shard in manifest["shards"]:
+            with safe_open(self.directory / shard["file"], framework="pt") as handle:
+                self.done.update(handle.get_tensor("row_ids").tolist())
+        self._pending_ids: list[int] = []
+        self._pending_rows: list[torch.Tensor] = []
+
+    def add(self, row_id: int, vector: torch.Tensor) -> None:
+        """Queues one row; full shards are written at once."""
+        if vector.numel() != self.row_dim:
+            raise ValueError(f"row {row_id} has {vector.numel()} values, expected {self.row_dim}")
+        self._pending_ids.append(int(row_id))
+        self._pending_rows.append(vector.reshape(-1).to(_DTYPES[self.dtype]))
+        if len(self._pending_ids) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes queued rows as one shard and records it in the manifest."""
+        if not self._pending_ids:
+            return
+        name = f"{SHARD_DIR}/shard-{len(self.manifest['shards']):05d}.safetensors"
+        path = self.directory / name
+        tensors = {
+            "vectors": torch.stack(self._pending_rows).contiguous(),
+            "row_ids": torch.tensor(self._pending_ids, dtype=torch.int64),
+        }
+        save_file(tensors, f"{path}.tmp")
+        os.replace(f"{path}.tmp", path)
+        self.manifest["shards"].append(
+            {"file": name, "rows": len(self._pending_ids), "sha256": file_sha256(path), "bytes": path.stat().st_size}
+        )
+        write_json_atomic(self.directory / MANIFEST_NAME, self.manifest)
+        self.done.update(self._pending_ids)
+        self._pending_ids, self._pending_rows = [], []
+
+
+class VectorStore:
+    """Read access to a store: streaming chunks for exact scoring, and random access to a few rows."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        manifest = read_manifest(self.directory)
+        if manifest is None:
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {self.directory}")
+        self.manifest = manifest
+        self.row_dim = int(manifest["row_dim"])
+        self.shards = manifest["shards"]
+        ids, locations = [], []
+        for shard_number, shard in enumerate(self.shards):
+            with safe_open(self._path(shard), framework="pt") as handle:
+                shard_ids = handle.get_tensor("row_ids").numpy()
+            ids.append(shard_ids)
+            locations.append(np.stack([np.full(len(shard_ids), shard_number), np.arange(len(shard_ids))], axis=1))
+        self.row_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        self._locations = np.concatenate(locations) if locations else np.zeros((0, 2), dtype=np.int64)
+        self._position = {int(row): i for i, row in enumerate(self.row_ids)}
+
+    def _path(self, shard: dict) -> Path:
+        return self.directory / shard["file"]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_ids)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(shard["bytes"]) for shard in self.shards)
+
+    def iter_chunks(self, chunk_rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields ``(row_ids, float32 vectors)`` in chunks of at most ``chunk_rows`` rows, read from the
+        memory-mapped shards without loading a whole shard."""
+        for shard in self.shards:
+            with safe_open(self._path(shard), framework="pt") as handle:
+                row_ids = handle.get_tensor("row_ids")
+                vectors = handle.get_slice("vectors")
+                for start in range(0, len(row_ids), chunk_rows):
+                    stop = min(start + chunk_rows, len(row_ids))
+                    yield row_ids[start:stop], vectors[start:stop].to(torch.float32)
+
+    def get_rows(self, row_ids: list[int]) -> torch.Tensor:
+        """The float32 vectors of the given dataset rows, in the given order."""
+        out = torch.empty((len(row_ids), self.row_dim), dtype=torch.float32)
+        by_shard: dict[int, list[tuple[int, int]]] = {}
+        for out_index, row in enumerate(row_ids):
+            if int(row) not in self._position:
+                raise KeyError(f"row {row} is not in the store")
+            shard_number, offset = self._locations[self._position[int(row)]]
+            by_shard.setdefault(int(shard_number), []).append((out_index, int(offset)))
+        for shard_number, wanted in by_shard.items():
+            with safe_open(self._path(self.shards[shard_number]), framework="pt") as handle:
+                vectors = handle.get_slice("vectors")
+                for out_index, offset in wanted:
+                    out[out_index] = vectors[offset : offset + 1].to(torch.float32)[0]
+        return out

@@ -1,0 +1,16 @@
+import os
+
+# Tests never reach the network; set before huggingface_hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The models are tiny: one thread is faster than two, and far faster when another process holds a core.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def tmp_index_dir(tmp_path):
+    return tmp_path / "index"

@@ -1,0 +1,275 @@
+"""End to end on tiny pipelines of each family: caching, self-retrieval, round trips and errors."""
+
+import json
+
+import datasets
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+import dmin_diffusers as dm
+from dmin_diffusers.testing import make_caption_dataset, make_image_dataset, tiny_pipeline
+
+# kind, ready-made class, LoRA rank, K: the tracked parameters are larger than K in every case, so the
+# vectors really are compressed (DDPM: all 177k UNet parameters; SD: 8k LoRA; SD3: 1k LoRA).
+FAMILIES = {
+    "ddpm": (dm.DMinDDPMPipeline, None, 1024),
+    "stable-diffusion": (dm.DMinStableDiffusionPipeline, 4, 1024),
+    "sd3": (dm.DMinStableDiffusion3Pipeline, 4, 256),
+}
+NUM_ROWS = 10
+
+
+def make_pipeline(kind, **kwargs):
+    pipeline_class, lora_rank, _ = FAMILIES[kind]
+    kwargs.setdefault("lora_rank", lora_rank)
+    return tiny_pipeline(kind, pipeline_class=pipeline_class, **kwargs)
+
+
+def make_dataset(kind):
+    return make_image_dataset(NUM_ROWS) if kind == "ddpm" else make_caption_dataset(NUM_ROWS)
+
+
+def make_config(kind, **kwargs):
+    return dm.DMinConfig(num_timesteps=4, projection_dim=FAMILIES[kind][2], seed=0, **kwargs)
+
+
+def prompt_of(kind, dataset, row):
+    return None if kind == "ddpm" else dataset[row]["text"]
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def built(request, tmp_path_factory):
+    kind = request.param
+    pipe, dataset = make_pipeline(kind), make_dataset(kind)
+    directory = tmp_path_factory.mktemp(kind) / "index"
+    index = pipe.build_attribution_index(dataset, directory, config=make_config(kind), progress=False)
+    return kind, pipe, dataset, index
+
+
+def test_training_rows_retrieve_themselves_first(built):
+    kind, pipe, dataset, index = built
+    assert index.num_rows == NUM_ROWS
+    for row in range(NUM_ROWS):
+        prompt = prompt_of(kind, dataset, row)
+        exact = pipe.attribute(dataset[row]["image"], prompt, top_k=3, exact=True)
+        approximate = pipe.attribute(dataset[row]["image"], prompt, top_k=3)
+        assert exact.indices[0] == row, (kind, row, exact.indices, exact.scores)
+        assert approximate.indices[0] == row, (kind, row, approximate.indices)
+        assert exact.scores == sorted(exact.scores, reverse=True)
+        np.testing.assert_allclose(approximate.scores[0], exact.scores[0], rtol=1e-5)
+
+
+def test_config_records_what_the_vectors_depend_on(built):
+    kind, pipe, _, index = built
+    config = index.config
+    assert config.family == kind
+    assert config.objective == ("flow_matching" if kind == "sd3" else "epsilon")
+    assert config.timesteps == [125, 375, 625, 875]
+    assert config.resolution == (16 if kind == "ddpm" else 32)
+    tracked = [name for name, _ in config.parameters]
+    if kind == "ddpm":
+        assert len(tracked) == len(list(pipe.unet.parameters()))
+    else:
+        assert tracked and all(".lora_" in name for name in tracked)
+    assert dm.DMinConfig.from_json_file(index.directory / "dmin_config.json") == config
+
+
+def test_generated_image_in_every_output_type_gives_the_same_answer(built):
+    kind, pipe, dataset, _ = built
+    prompt = prompt_of(kind, dataset, 0)
+    call = {"num_inference_steps": 2, "generator": None}
+    if prompt is not None:
+        call["prompt"] = prompt
+    answers = []
+    for output_type in ("pil", "np", "pt"):
+        call["generator"] = torch.Generator().manual_seed(0)
+        images = pipe(output_type=output_type, **call).images
+        result = pipe.attribute(images, prompt, top_k=NUM_ROWS + 5, exact=True)
+        answers.append(result.indices)
+    assert answers[0] == answers[1] == answers[2]
+    assert sorted(answers[0]) == list(range(NUM_ROWS))  # top_k beyond the row count returns every row
+
+
+def test_result_examples_and_grid(built):
+    kind, pipe, dataset, _ = built
+    result = pipe.attribute(dataset[2]["image"], prompt_of(kind, dataset, 2), top_k=4)
+    assert [example["image"].size for example in result.examples] == [dataset[i]["image"].size for i in result.indices]
+    if kind != "ddpm":
+        assert result.examples[0]["text"] == dataset[2]["text"]
+    grid = result.to_image(tile_size=32, columns=5)
+    assert grid.size == (5 * 32, 1 * (32 + 14))
+    # the first training tile shows the top row's image
+    top_tile = np.asarray(grid.crop((32, 0, 64, 32)).convert("RGB"), dtype=float)
+    top_image = dataset[result.indices[0]]["image"].convert("RGB")
+    expected = np.asarray(top_image.resize((32, 32), PIL.Image.NEAREST), dtype=float)
+    assert np.abs(top_tile - expected).mean() < 1.0
+
+
+def test_save_and_load_into_a_fresh_pipeline(built, tmp_path):
+    kind, pipe, dataset, index = built
+    index.save_pretrained(tmp_path / "copy")
+    fresh = make_pipeline(kind)
+    loaded = fresh.load_attribution_index(tmp_path / "copy", dataset=dataset)
+    assert loaded.num_rows == NUM_ROWS
+    image, prompt = dataset[5]["image"], prompt_of(kind, dataset, 5)
+    for exact in (True, False):
+        before = pipe.attribute(image, prompt, top_k=5, exact=exact)
+        after = fresh.attribute(image, prompt, top_k=5, exact=exact)
+        assert before.indices == after.indices
+        np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6)
+    assert fresh.attribute(image, prompt, top_k=1).examples[0]["image"].size == image.size
+
+
+def test_vectors_are_deterministic(built):
+    kind, pipe, dataset, index = built
+    image, prompt = dataset[3]["image"], prompt_of(kind, dataset, 3)
+    first = pipe.attribution_vector(image, prompt)
+    second = pipe.attribution_vector(image, prompt)
+    assert torch.equal(first, second)
+    stored = index.store.get_rows([3])[0]
+    torch.testing.assert_close(stored, first.reshape(-1).half().float())
+
+
+def test_rebuilding_gives_identical_rows(tmp_path):
+    dataset = make_dataset("ddpm")
+    stores = []
+    for name in ("a", "b"):
+        pipe = make_pipeline("ddpm")
+        index = pipe.build_attribution_index(dataset, tmp_path / name, config=make_config("ddpm"), progress=False)
+        stores.append(index.store.get_rows(list(range(NUM_ROWS))))
+    assert torch.equal(stores[0], stores[1])
+
+
+def test_tracked_parameters_are_restored_after_caching(built):
+    kind, pipe, dataset, _ = built
+    denoiser = pipe.unet if kind != "sd3" else pipe.transformer
+    before = {name: p.requires_grad for name, p in denoiser.named_parameters()}
+    pipe.attribution_vector(dataset[0]["image"], prompt_of(kind, dataset, 0))
+    assert {name: p.requires_grad for name, p in denoiser.named_parameters()} == before
+    assert all(p.grad is None for p in denoiser.parameters())
+
+
+def test_coarse_knn_is_reranked_on_the_full_rows(tmp_path):
+    pipe, dataset = make_pipeline("stable-diffusion"), make_dataset("stable-diffusion")
+    config = make_config("stable-diffusion", knn_dim=64)
+    pipe.build_attribution_index(dataset, tmp_path / "coarse", config=config, progress=False)
+    for row in range(NUM_ROWS):
+        approximate = pipe.attribute(dataset[row]["image"], dataset[row]["text"], top_k=3)
+        exact = pipe.attribute(dataset[row]["image"], dataset[row]["text"], top_k=3, exact=True)
+        assert approximate.indices[0] == row
+        np.testing.assert_allclose(approximate.scores[0], exact.scores[0], rtol=1e-5)
+
+
+def test_a_failing_build_keeps_finished_rows_and_resumes(tmp_path):
+    pipe, dataset = make_pipeline("ddpm"), make_dataset("ddpm")
+    config = make_config("ddpm", shard_size=2)
+    raw = dataset.cast_column("image", datasets.Image(decode=False))
+    corrupt = raw.map(
+        lambda row, i: {"image": {"bytes": b"not an image" if i == 7 else row["image"]["bytes"], "path": None}},
+        with_indices=True,
+    )
+    broken = corrupt.cast_column("image", datasets.Image())
+    with pytest.raises(PIL.UnidentifiedImageError):
+        pipe.build_attribution_index(broken, tmp_path / "index", config=config, progress=False)
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert sum(shard["rows"] for shard in manifest["shards"]) == 7  # rows 0-6 survived the failure
+    resumed = pipe.build_attribution_index(dataset, tmp_path / "index", config=config, progress=False)
+    clean = make_pipeline("ddpm").build_attribution_index(dataset, tmp_path / "clean", config=config, progress=False)
+    rows = list(range(NUM_ROWS))
+    assert torch.equal(resumed.store.get_rows(rows), clean.store.get_rows(rows))
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def sd_built(tmp_path_factory):
+    pipe, dataset = make_pipeline("stable-diffusion"), make_dataset("stable-diffusion")
+    directory = tmp_path_factory.mktemp("sd") / "index"
+    pipe.build_attribution_index(dataset, directory, config=make_config("stable-diffusion"), progress=False)
+    return pipe, dataset, directory
+
+
+def test_index_of_another_adapter_is_refused_unless_not_strict(sd_built):
+    _, dataset, directory = sd_built
+    other = make_pipeline("stable-diffusion", lora_rank=8)
+    with pytest.raises(ValueError, match="does not belong.*tracked parameters.*different shape"):
+        other.load_attribution_index(directory)
+    with pytest.warns(UserWarning, match="does not belong"):
+        other.load_attribution_index(directory, strict=False)
+    assert len(other.attribute(dataset[0]["image"], dataset[0]["text"], top_k=2).indices) == 2
+
+
+def test_index_of_another_family_is_refused(sd_built):
+    _, _, directory = sd_built
+    with pytest.raises(ValueError, match="family: 'stable-diffusion' != 'sd3'"):
+        make_pipeline("sd3").load_attribution_index(directory)
+
+
+def test_prompt_errors(sd_built):
+    pipe, dataset, _ = sd_built
+    with pytest.raises(ValueError, match="needs the prompt"):
+        pipe.attribute(dataset[0]["image"])
+    with pytest.raises(TypeError, match="prompt must be a string"):
+        pipe.attribute(dataset[0]["image"], ["a", "b"])
+    ddpm = make_pipeline("ddpm")
+    ddpm.build_attribution_index(make_dataset("ddpm").select(range(2)), sd_built[2].parent / "ddpm",
+                                 config=make_config("ddpm"), progress=False)
+    with pytest.raises(ValueError, match="unconditional"):
+        ddpm.attribute(make_dataset("ddpm")[0]["image"], "a prompt")
+
+
+def test_image_errors(sd_built):
+    pipe, dataset, _ = sd_built
+    prompt = dataset[0]["text"]
+    with pytest.raises(TypeError, match="PIL image, numpy array or torch tensor"):
+        pipe.attribute("image.png", prompt)
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        pipe.attribute(np.full((32, 32, 3), 3.0, dtype=np.float32), prompt)
+    with pytest.raises(ValueError, match="batch of one image"):
+        pipe.attribute(torch.rand(2, 3, 32, 32), prompt)
+    with pytest.raises(ValueError, match="channels"):
+        pipe.attribute(np.zeros((32, 32, 7), dtype=np.uint8), prompt)
+    with pytest.raises(ValueError, match="top_k"):
+        pipe.attribute(dataset[0]["image"], prompt, top_k=0)
+
+
+def test_dataset_errors(tmp_path):
+    pipe, dataset = make_pipeline("stable-diffusion"), make_dataset("stable-diffusion")
+    with pytest.raises(ValueError, match="caption_column 'caption' is not a column.*'image', 'text'"):
+        pipe.build_attribution_index(dataset, tmp_path / "a", caption_column="caption")
+    with pytest.raises(ValueError, match="image_column 'img' is not a column"):
+        pipe.build_attribution_index(dataset, tmp_path / "a", image_column="img")
+    with pytest.raises(TypeError, match="datasets.Dataset"):
+        pipe.build_attribution_index([dataset[0]], tmp_path / "a")
+    with pytest.raises(ValueError, match="no attribution index is attached"):
+        pipe.attribute(dataset[0]["image"], dataset[0]["text"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_existing_directories_are_never_overwritten(sd_built, tmp_path):
+    pipe, dataset, directory = sd_built
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty and is not an attribution index"):
+        pipe.build_attribution_index(dataset, foreign, config=make_config("stable-diffusion"))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+
+    before = {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="other settings.*projection_dim: 1024 != 512"):
+        pipe.build_attribution_index(dataset, directory, config=dm.DMinConfig(num_timesteps=4, projection_dim=512))
+    with pytest.raises(ValueError, match="another dataset"):
+        pipe.build_attribution_index(dataset.select(range(4)), directory, config=make_config("stable-diffusion"))
+    assert {p: p.read_bytes() for p in directory.rglob("*") if p.is_file()} == before
+
+
+def test_unsupported_pipeline_is_refused():
+    class NotAPipeline:
+        pass
+
+    with pytest.raises(TypeError, match="expected a diffusers pipeline"):
+        dm.enable_attribution(NotAPipeline())
