@@ -12,7 +12,7 @@ import torch
 
 from .config import CONFIG_NAME, DMinConfig
 from .search import KnnIndex, exact_top_k
-from .store import MANIFEST_NAME, SHARD_DIR, VectorStore, read_manifest, write_json_atomic
+from .store import MANIFEST_NAME, SHARD_DIR, VectorStore, write_json_atomic
 
 KNN_NAME = "knn.bin"
 DATASET_INFO_NAME = "dataset.json"
@@ -83,6 +83,11 @@ class AttributionIndex:
         return self.store.num_rows
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the stored rows (the HNSW file not included)."""
+        return self.store.nbytes
+
+    @property
     def knn_dim(self) -> int:
         return self.config.knn_dim or self.config.projection_dim
 
@@ -124,8 +129,28 @@ class AttributionIndex:
         return [candidates[i] for i in order.tolist()], scores[order].tolist()
 
 
-def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, dataset_info: dict) -> bool:
-    """Makes ``directory`` ready for building; returns True when it resumes an existing, matching index.
+def describe_dataset(
+    dataset: Any, image_column: str, caption_column: str | None, reference: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What an index records about its training dataset. ``reference`` may add where it comes from (``name``,
+    ``config_name``, ``revision``, ``split``), so that rows can be found again without the dataset object."""
+    info = getattr(dataset, "info", None)
+    described = {
+        "num_rows": len(dataset),
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "fingerprint": getattr(dataset, "_fingerprint", None),
+        "name": getattr(info, "dataset_name", None),
+        "config_name": getattr(info, "config_name", None),
+        "revision": None,
+        "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
+    }
+    described.update(reference or {})
+    return described
+
+
+def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, dataset_info: dict) -> None:
+    """Makes ``directory`` ready for building, or checks that the index already there can be resumed.
 
     Refuses (``ValueError``) a directory with other files in it, an index built with other settings, or one
     built on another dataset, so a call never overwrites or mixes rows it did not write.
@@ -148,10 +173,9 @@ def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, da
                     f"{directory} already holds an index of another dataset ({key}: "
                     f"{existing_info.get(key)!r} != {dataset_info.get(key)!r}); use another output directory"
                 )
-        return read_manifest(directory) is not None
+        return
     if directory.exists() and any(directory.iterdir()):
         raise ValueError(f"{directory} is not empty and is not an attribution index; refusing to write into it")
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / DATASET_INFO_NAME, dataset_info)
     write_json_atomic(config_path, config.to_dict())
-    return False

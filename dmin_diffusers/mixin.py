@@ -9,17 +9,13 @@ from typing import Any
 
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
-from tqdm.auto import tqdm
-
+from .caching import cache_dataset
 from .config import DMinConfig
 from .families import PipelineFamily, detect_family
-from .gradients import GradientSketcher, check_config_matches, resolve_config
-from .index import AttributionIndex, prepare_index_directory
+from .gradients import GradientSketcher, check_config_matches
+from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
 from .result import AttributionResult
-from .store import VectorStoreWriter
-
-DEFAULT_CAPTION_COLUMN = "text"
 
 
 class InfluenceMixin:
@@ -50,6 +46,7 @@ class InfluenceMixin:
         config: DMinConfig | None = None,
         image_column: str = "image",
         caption_column: str | None = None,
+        dataset_reference: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> AttributionIndex:
         """Caches the compressed gradients of every row of ``dataset`` in ``output_dir``, builds the HNSW
@@ -64,39 +61,17 @@ class InfluenceMixin:
             config: DMin settings; the paper's defaults when omitted.
             image_column: column with the training images.
             caption_column: column with the prompts (text-to-image pipelines only; default ``"text"``).
+            dataset_reference: where the dataset comes from (``name``, ``config_name``, ``revision``, ``split``),
+                recorded so that results can load the rows without the dataset object.
             progress: show a tqdm progress bar.
+
+        For several processes, or to cache from a training loop, see :func:`dmin_diffusers.caching.cache_dataset`.
         """
-        family = detect_family(self)
-        caption_column = _check_dataset(dataset, image_column, caption_column, family)
-        config = resolve_config(config or DMinConfig(), family)
-        dataset_info = {
-            "num_rows": len(dataset),
-            "image_column": image_column,
-            "caption_column": caption_column,
-            "fingerprint": getattr(dataset, "_fingerprint", None),
-            "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
-        }
-        prepare_index_directory(output_dir, config, dataset_info)
-        sketcher = GradientSketcher(family, config)
-        writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size)
-        todo = [row for row in range(len(dataset)) if row not in writer.done]
-        rows = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
-        bar = tqdm(
-            total=len(dataset), initial=len(dataset) - len(todo), disable=not progress, unit="row",
-            desc="Caching DMin gradients",
+        index = cache_dataset(
+            self, dataset, output_dir, config, image_column, caption_column, dataset_reference=dataset_reference,
+            progress=progress,
         )
-        try:
-            for row_id in todo:
-                row = rows[row_id]
-                example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
-                writer.add(row_id, sketcher.sketch(example))
-                bar.update()
-        finally:
-            writer.flush()  # keep every finished row, even when a row fails
-            bar.close()
-        index = AttributionIndex(output_dir, dataset=dataset)
-        index.build_knn()
-        self._attribution_index, self._attribution_sketcher = index, sketcher
+        self.load_attribution_index(index)
         return index
 
     def load_attribution_index(
@@ -182,28 +157,6 @@ def _check_prompt(family: PipelineFamily, prompt: Any) -> None:
         raise ValueError(f"{family.name} pipelines are text-to-image: attribute(image, prompt) needs the prompt")
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-
-
-def _check_dataset(dataset: Any, image_column: str, caption_column: str | None, family: PipelineFamily):
-    """Validates the dataset and returns the caption column to use (``None`` for unconditional models)."""
-    import datasets
-
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"dataset must be a datasets.Dataset (rows are addressed by position), got {type(dataset).__name__}"
-        )
-    if len(dataset) == 0:
-        raise ValueError("the dataset is empty")
-    if family.takes_prompt:
-        caption_column = caption_column or DEFAULT_CAPTION_COLUMN
-    else:
-        caption_column = None  # unconditional models have no prompt
-    for role, column in (("image_column", image_column), ("caption_column", caption_column)):
-        if column is not None and column not in dataset.column_names:
-            raise ValueError(
-                f"{role} {column!r} is not a column of the dataset; its columns are {dataset.column_names}"
-            )
-    return caption_column
 
 
 def _diffusers_base(cls: type) -> type:

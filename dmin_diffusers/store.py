@@ -1,8 +1,8 @@
 """On-disk rows: safetensors shards listed in a JSON manifest.
 
 A shard holds ``vectors`` (rows x row_dim, in the storage dtype) and ``row_ids`` (int64 dataset row numbers).
-Shards and the manifest are written to a temporary name and renamed, and a shard only counts once the
-manifest lists it, so a process killed at any moment leaves a consistent store that can be resumed.
+Shards and manifests are written to a temporary name and renamed, and a shard only counts once a manifest
+lists it, so a process killed at any moment leaves a consistent store that can be resumed.
 """
 
 from __future__ import annotations
@@ -49,26 +49,43 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
         return json.load(handle)
 
 
-class VectorStoreWriter:
-    """Appends rows to a store, resuming one that already exists with the same row size and dtype."""
+def _part_manifests(directory: Path) -> list[Path]:
+    return sorted((directory / SHARD_DIR).glob("*.json"))
 
-    def __init__(self, directory: str | os.PathLike, row_dim: int, dtype: str, shard_size: int = 1024):
+
+def _rows_in(directory: Path, shards: list[dict]) -> set[int]:
+    done: set[int] = set()
+    for shard in shards:
+        with safe_open(directory / shard["file"], framework="pt") as handle:
+            done.update(handle.get_tensor("row_ids").tolist())
+    return done
+
+
+class VectorStoreWriter:
+    """Appends rows to a store under one writer name (one per process), resuming what is already there.
+
+    Each writer lists its own shards in ``vectors/<name>.json``; :func:`merge_manifests` later combines every
+    writer's list into ``manifest.json``. ``done`` holds the rows finished by any writer, earlier runs included.
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, row_dim: int, dtype: str, shard_size: int = 1024, name: str = "part-0"
+    ):
         self.directory = Path(directory)
         (self.directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        self.row_dim, self.dtype, self.shard_size = row_dim, dtype, shard_size
-        manifest = read_manifest(self.directory)
-        if manifest is None:
-            manifest = {"format": "dmin-vectors", "version": 1, "row_dim": row_dim, "dtype": dtype, "shards": []}
-        elif (manifest["row_dim"], manifest["dtype"]) != (row_dim, dtype):
-            raise ValueError(
-                f"the store in {self.directory} holds rows of {manifest['row_dim']} {manifest['dtype']} values, "
-                f"not {row_dim} {dtype}"
-            )
-        self.manifest = manifest
+        self.row_dim, self.dtype, self.shard_size, self.name = row_dim, dtype, shard_size, name
         self.done: set[int] = set()
-        for shard in manifest["shards"]:
-            with safe_open(self.directory / shard["file"], framework="pt") as handle:
-                self.done.update(handle.get_tensor("row_ids").tolist())
+        self.part: dict = {"format": "dmin-vectors", "version": 1, "row_dim": row_dim, "dtype": dtype, "shards": []}
+        for path in _part_manifests(self.directory):
+            part = json.loads(path.read_text())
+            if (part["row_dim"], part["dtype"]) != (row_dim, dtype):
+                raise ValueError(
+                    f"the store in {self.directory} holds rows of {part['row_dim']} {part['dtype']} values, "
+                    f"not {row_dim} {dtype}"
+                )
+            self.done |= _rows_in(self.directory, part["shards"])
+            if path.stem == name:
+                self.part = part
         self._pending_ids: list[int] = []
         self._pending_rows: list[torch.Tensor] = []
 
@@ -82,10 +99,10 @@ class VectorStoreWriter:
             self.flush()
 
     def flush(self) -> None:
-        """Writes queued rows as one shard and records it in the manifest."""
+        """Writes queued rows as one shard and records it in this writer's manifest."""
         if not self._pending_ids:
             return
-        name = f"{SHARD_DIR}/shard-{len(self.manifest['shards']):05d}.safetensors"
+        name = f"{SHARD_DIR}/{self.name}-{len(self.part['shards']):05d}.safetensors"
         path = self.directory / name
         tensors = {
             "vectors": torch.stack(self._pending_rows).contiguous(),
@@ -93,12 +110,29 @@ class VectorStoreWriter:
         }
         save_file(tensors, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
-        self.manifest["shards"].append(
+        self.part["shards"].append(
             {"file": name, "rows": len(self._pending_ids), "sha256": file_sha256(path), "bytes": path.stat().st_size}
         )
-        write_json_atomic(self.directory / MANIFEST_NAME, self.manifest)
+        write_json_atomic(self.directory / SHARD_DIR / f"{self.name}.json", self.part)
         self.done.update(self._pending_ids)
         self._pending_ids, self._pending_rows = [], []
+
+
+def merge_manifests(directory: str | os.PathLike) -> dict:
+    """Combines every writer's shard list into ``manifest.json``, shards ordered by their first row."""
+    directory = Path(directory)
+    parts = [json.loads(path.read_text()) for path in _part_manifests(directory)]
+    if not parts:
+        raise FileNotFoundError(f"no rows have been written to {directory}")
+    first_rows = {}
+    for part in parts:
+        for shard in part["shards"]:
+            with safe_open(directory / shard["file"], framework="pt") as handle:
+                first_rows[shard["file"]] = int(handle.get_slice("row_ids")[0:1][0])
+    shards = sorted((shard for part in parts for shard in part["shards"]), key=lambda s: first_rows[s["file"]])
+    manifest = {key: parts[0][key] for key in ("format", "version", "row_dim", "dtype")} | {"shards": shards}
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+    return manifest
 
 
 class VectorStore:

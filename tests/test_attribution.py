@@ -174,8 +174,8 @@ def test_a_failing_build_keeps_finished_rows_and_resumes(tmp_path):
     broken = corrupt.cast_column("image", datasets.Image())
     with pytest.raises(PIL.UnidentifiedImageError):
         pipe.build_attribution_index(broken, tmp_path / "index", config=config, progress=False)
-    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
-    assert sum(shard["rows"] for shard in manifest["shards"]) == 7  # rows 0-6 survived the failure
+    part = json.loads((tmp_path / "index" / "vectors" / "part-000-of-001.json").read_text())
+    assert sum(shard["rows"] for shard in part["shards"]) == 7  # rows 0-6 survived the failure
     resumed = pipe.build_attribution_index(dataset, tmp_path / "index", config=config, progress=False)
     clean = make_pipeline("ddpm").build_attribution_index(dataset, tmp_path / "clean", config=config, progress=False)
     rows = list(range(NUM_ROWS))
