@@ -1,0 +1,103 @@
+"""`GradientCacheCallback`: after training, cache the training set's DMin vectors with the trained pipeline."""
+
+from __future__ import annotations
+
+import logging
+import os
+from argparse import Namespace
+from typing import Any
+
+from dmin_diffusers.caching import cache_dataset
+from dmin_diffusers.config import DMinConfig
+from dmin_diffusers.index import AttributionIndex
+from dmin_diffusers.mixin import enable_attribution
+from dmin_diffusers.training_data import dataset_reference, load_training_dataset, raw_rows
+
+logger = logging.getLogger(__name__)
+INDEX_SUBFOLDER = "dmin-index"
+
+
+class GradientCacheCallback:
+    """Caches compressed per-sample loss gradients of the training set once training has finished.
+
+    Args:
+        output_dir: where the attribution index is written.
+        config: DMin settings (the paper's defaults when omitted).
+        image_column, caption_column: dataset columns (the caption is ignored for unconditional models).
+        dataset_args: the training script's dataset arguments (``dataset_name``, ``train_data_dir``,
+            ``max_train_samples``, ``seed``, ...), used to load the rows when ``on_train_end`` gets no dataset.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        config: DMinConfig | None = None,
+        image_column: str = "image",
+        caption_column: str | None = "text",
+        dataset_args: dict[str, Any] | None = None,
+    ):
+        self.output_dir = output_dir
+        self.config = config or DMinConfig()
+        self.image_column, self.caption_column = image_column, caption_column
+        self.dataset_args = dataset_args or {}
+
+    @classmethod
+    def from_training_args(cls, args: Namespace, **overrides: Any) -> "GradientCacheCallback":
+        """Reads a diffusers training script's argparse namespace.
+
+        Uses ``resolution``, ``image_column``, ``caption_column``, the dataset arguments and ``seed``; the index
+        goes to ``<output_dir>/dmin-index``. Optional ``dmin_num_timesteps``, ``dmin_projection_dim`` and
+        ``dmin_seed`` attributes (or keyword overrides of the constructor) change the DMin settings. Caching
+        always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say: attribution must be
+        deterministic.
+        """
+        get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+        if not get("center_crop", True) or get("random_flip", False):
+            logger.info("DMin caching uses a center crop and no flip (deterministic), unlike the random training augmentations")
+        config = DMinConfig(
+            num_timesteps=get("dmin_num_timesteps") or 10,
+            projection_dim=get("dmin_projection_dim") or 4096,
+            seed=get("dmin_seed") or 0,
+            resolution=get("resolution"),
+            max_sequence_length=get("max_sequence_length"),
+        )
+        dataset_args = {
+            name: get(name)
+            for name in ("dataset_name", "dataset_config_name", "train_data_dir", "instance_data_dir",
+                         "instance_prompt", "cache_dir", "max_train_samples", "seed")
+        }
+        settings = {
+            "output_dir": os.path.join(get("output_dir") or ".", INDEX_SUBFOLDER),
+            "config": config,
+            "image_column": get("image_column") or "image",
+            # DreamBooth scripts caption every row with the instance prompt when no caption column is given
+            "caption_column": get("caption_column") or "text",
+            "dataset_args": dataset_args,
+        }
+        settings.update(overrides)
+        return cls(**settings)
+
+    def on_train_end(self, accelerator: Any = None, pipeline: Any = None, dataset: Any = None) -> AttributionIndex:
+        """Caches every training row with the trained ``pipeline`` (on every process of ``accelerator``) and
+        attaches the index to the pipeline, so ``pipeline.attribute(...)`` works right away.
+
+        ``dataset`` is the training ``datasets.Dataset`` (a transform attached with ``with_transform`` is
+        dropped); without it, the rows are loaded from the training arguments.
+        """
+        if pipeline is None:
+            raise ValueError("on_train_end needs the trained pipeline (with its LoRA weights, if any)")
+        pipeline = enable_attribution(pipeline)
+        if dataset is None:
+            dataset = load_training_dataset(**self.dataset_args)
+        index = cache_dataset(
+            pipeline,
+            raw_rows(dataset),
+            self.output_dir,
+            self.config,
+            self.image_column,
+            self.caption_column,
+            accelerator=accelerator,
+            dataset_reference=dataset_reference(**self.dataset_args),
+        )
+        pipeline.load_attribution_index(index)
+        return index

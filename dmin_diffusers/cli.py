@@ -1,0 +1,160 @@
+"""The `dmin` command: cache a training set after training, attribute an image, push an index to the Hub.
+
+```
+accelerate launch -m dmin_diffusers.cli cache --pretrained_model_name_or_path ... --output_dir my-index ...
+dmin attribute --index my-index --pretrained_model_name_or_path ... --image gen.png --prompt "..." --top_k 10
+dmin push --index my-index --repo_id user/name
+```
+Argument names follow diffusers' training scripts so that their values can be reused as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import torch
+
+DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pretrained_model_name_or_path", required=True, help="base pipeline (path or Hub id)")
+    parser.add_argument("--revision", default=None, help="revision of the base pipeline")
+    parser.add_argument("--variant", default=None, help="weights variant of the base pipeline, e.g. fp16")
+    parser.add_argument("--lora_weights", default=None, help="LoRA weights (the training run's output_dir)")
+    parser.add_argument("--mixed_precision", choices=sorted(DTYPES), default="no", help="dtype of the weights")
+    parser.add_argument("--device", default=None, help="device (default: cuda if available, else cpu)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dmin", description="DMin training-data attribution for diffusers")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    cache = commands.add_parser("cache", help="cache the compressed gradients of a training set")
+    _add_pipeline_arguments(cache)
+    cache.add_argument("--dataset_name", default=None)
+    cache.add_argument("--dataset_config_name", default=None)
+    cache.add_argument("--dataset_revision", default=None)
+    cache.add_argument("--train_data_dir", default=None, help="an imagefolder (captions in metadata.jsonl)")
+    cache.add_argument("--instance_data_dir", default=None, help="DreamBooth instance images")
+    cache.add_argument("--instance_prompt", default=None)
+    cache.add_argument("--cache_dir", default=None)
+    cache.add_argument("--image_column", default="image")
+    cache.add_argument("--caption_column", default="text")
+    cache.add_argument("--resolution", type=int, default=None)
+    cache.add_argument("--center_crop", action="store_true", help="accepted for compatibility: caching always center-crops")
+    cache.add_argument("--random_flip", action="store_true", help="accepted for compatibility: caching never flips")
+    cache.add_argument("--max_train_samples", type=int, default=None)
+    cache.add_argument("--seed", type=int, default=None, help="the training seed (selects max_train_samples rows)")
+    cache.add_argument("--output_dir", required=True, help="directory of the attribution index")
+    cache.add_argument("--num_timesteps", type=int, default=10)
+    cache.add_argument("--projection_dim", type=int, default=4096)
+    cache.add_argument("--knn_dim", type=int, default=None)
+    cache.add_argument("--dmin_seed", type=int, default=0, help="seed of the fixed noise and the compressor")
+    cache.add_argument("--storage_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    cache.add_argument("--tracked_parameters", nargs="*", default=None, help="fnmatch patterns of parameter names")
+    cache.add_argument("--shard_size", type=int, default=1024)
+
+    attribute = commands.add_parser("attribute", help="the most influential training rows of an image")
+    _add_pipeline_arguments(attribute)
+    attribute.add_argument("--index", required=True, help="attribution index (directory or Hub id)")
+    attribute.add_argument("--image", required=True)
+    attribute.add_argument("--prompt", default=None)
+    attribute.add_argument("--top_k", type=int, default=10)
+    attribute.add_argument("--exact", action="store_true", help="score every row instead of HNSW")
+    attribute.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
+
+    push = commands.add_parser("push", help="upload an attribution index to the Hugging Face Hub")
+    push.add_argument("--index", required=True)
+    push.add_argument("--repo_id", required=True)
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None)
+    push.add_argument("--revision", default=None)
+    push.add_argument("--repo_type", default="dataset")
+    return parser
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The base pipeline with the LoRA weights, with attribution enabled, on the chosen device."""
+    from diffusers import DiffusionPipeline
+
+    from .mixin import enable_attribution
+
+    pipeline = DiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
+        torch_dtype=DTYPES[args.mixed_precision],
+    )
+    if args.lora_weights:
+        pipeline.load_lora_weights(args.lora_weights)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipeline.set_progress_bar_config(disable=True)
+    return enable_attribution(pipeline.to(device))
+
+
+def run_cache(args: argparse.Namespace) -> None:
+    from accelerate import PartialState
+
+    from .caching import cache_dataset
+    from .config import DMinConfig
+    from .training_data import dataset_reference, load_training_dataset
+
+    # Without cpu=True, accelerate treats several processes on a machine without CUDA as one.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    dataset_args = {
+        "dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
+        "revision": args.dataset_revision, "max_train_samples": args.max_train_samples, "seed": args.seed,
+    }
+    with state.main_process_first():  # download / prepare the dataset once
+        dataset = load_training_dataset(
+            train_data_dir=args.train_data_dir, instance_data_dir=args.instance_data_dir,
+            instance_prompt=args.instance_prompt, cache_dir=args.cache_dir, **dataset_args,
+        )
+    if args.device is None and state.device.type != "cpu":
+        args.device = str(state.device)
+    pipeline = load_pipeline(args)
+    config = DMinConfig(
+        num_timesteps=args.num_timesteps, projection_dim=args.projection_dim, seed=args.dmin_seed,
+        resolution=args.resolution, knn_dim=args.knn_dim, storage_dtype=args.storage_dtype,
+        tracked_parameters=args.tracked_parameters, shard_size=args.shard_size,
+    )
+    cache_dataset(
+        pipeline, dataset, args.output_dir, config, args.image_column, args.caption_column, accelerator=state,
+        dataset_reference=dataset_reference(**dataset_args),
+    )
+
+
+def run_attribute(args: argparse.Namespace) -> None:
+    import PIL.Image
+
+    pipeline = load_pipeline(args)
+    pipeline.load_attribution_index(args.index, strict=not args.no_strict)
+    result = pipeline.attribute(PIL.Image.open(args.image), args.prompt, top_k=args.top_k, exact=args.exact)
+    for rank, (row, score) in enumerate(zip(result.indices, result.scores), start=1):
+        print(json.dumps({"rank": rank, "row": row, "score": round(score, 6)}))
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from .index import AttributionIndex
+
+    index = AttributionIndex.from_pretrained(args.index)
+    commit = index.push_to_hub(
+        args.repo_id, private=args.private, token=args.token, revision=args.revision, repo_type=args.repo_type
+    )
+    print(getattr(commit, "commit_url", commit))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"cache": run_cache, "attribute": run_attribute, "push": run_push}[args.command](args)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        print(f"dmin {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
