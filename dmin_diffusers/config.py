@@ -42,6 +42,16 @@ class DMinConfig:
             shrink the in-memory index and are re-ranked exactly on the stored ``K``-dimensional rows.
         hnsw_m, hnsw_ef_construction: HNSW graph parameters.
         shard_size: rows per file on disk.
+        base_model: Hub id of the base pipeline, shown on the dataset card (by default the pipeline's
+            ``name_or_path`` when that is a Hub id, not a local directory).
+        adapter: Hub id or name of the fine-tuned adapter (e.g. the LoRA repository), shown on the dataset card.
+
+    The fields resolved from the pipeline record, besides the settings above, what ties the vectors to one
+    pipeline: the tracked parameters' names and shapes (``parameters``), a digest of each one's values
+    (``parameter_digests``) and of all of them together (``parameter_fingerprint``), a cheap fingerprint of the
+    rest of the denoiser (``denoiser_fingerprint``: its architecture and a sample of its base weights) and of the
+    training objective (``objective_fingerprint``: the noisy input and target it produces at each timestep).
+    ``base_model``, ``adapter`` and ``denoiser_dtype`` only describe the index and are never compared.
     """
 
     num_timesteps: int = 10
@@ -57,12 +67,18 @@ class DMinConfig:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     shard_size: int = 1024
+    base_model: str | None = None
+    adapter: str | None = None
     # resolved from the pipeline
     family: str | None = None
     objective: str | None = None
     num_train_timesteps: int | None = None
     parameters: list[list[Any]] | None = field(default=None, repr=False)
     parameter_fingerprint: str | None = None
+    parameter_digests: list[str] | None = field(default=None, repr=False)
+    denoiser_fingerprint: str | None = None
+    objective_fingerprint: str | None = None
+    denoiser_dtype: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -105,7 +121,8 @@ class DMinConfig:
     def unresolved(self) -> "DMinConfig":
         """A copy without the fields that :func:`resolve_config` derives from a pipeline."""
         return self.replace(
-            family=None, objective=None, num_train_timesteps=None, parameters=None, parameter_fingerprint=None
+            family=None, objective=None, num_train_timesteps=None, parameters=None, parameter_fingerprint=None,
+            parameter_digests=None, denoiser_fingerprint=None, objective_fingerprint=None, denoiser_dtype=None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,17 +147,68 @@ class DMinConfig:
             return cls.from_dict(json.load(handle))
 
     def differences(self, other: "DMinConfig") -> list[str]:
-        """Human-readable list of fields that differ (parameter lists summarised)."""
+        """Human-readable list of what differs between this config (an index's) and ``other`` (one resolved
+        against a pipeline): settings field by field, tracked parameters by name, shape and value, and the
+        denoiser and objective fingerprints in words. Descriptive fields (``DESCRIPTIVE_FIELDS``) are ignored,
+        and so is a fingerprint that one side does not have (an index from before it was recorded)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        same_parameters = mine["parameters"] == theirs["parameters"]
+        # the denoiser fingerprint leaves the tracked parameters out: comparable only when they are the same ones
+        same_names = [p[0] for p in mine["parameters"] or []] == [p[0] for p in theirs["parameters"] or []]
         found = []
-        for name, mine in self.to_dict().items():
-            theirs = getattr(other, name)
-            if mine == theirs:
+        for name, value in mine.items():
+            other_value = theirs[name]
+            if name in DESCRIPTIVE_FIELDS or value == other_value:
+                continue
+            if name in _FINGERPRINTS and (value is None or other_value is None):
                 continue
             if name == "parameters":
-                found.append(describe_parameter_difference(mine or [], theirs or []))
+                found.append(describe_parameter_difference(value or [], other_value or []))
+            elif name == "parameter_digests":
+                if same_parameters:
+                    found.append(describe_value_difference(self, other))
+            elif name == "parameter_fingerprint":  # explained by the fields it digests, when they are known
+                digests = mine["parameter_digests"]
+                if same_parameters and digests is not None and digests == theirs["parameter_digests"]:
+                    found.append(f"{name}: {value!r} != {other_value!r}")
+            elif name == "denoiser_fingerprint":
+                if same_names:
+                    found.append(
+                        "denoiser: its architecture or base weights (outside the tracked parameters) differ from "
+                        "those the index was built with"
+                    )
+            elif name == "objective_fingerprint":
+                found.append(
+                    "objective: the training noise schedule or prediction target (from the scheduler config) "
+                    "differs from the index's"
+                )
             else:
-                found.append(f"{name}: {mine!r} != {theirs!r}")
+                found.append(f"{name}: {value!r} != {other_value!r}")
         return found
+
+
+DESCRIPTIVE_FIELDS = ("base_model", "adapter", "denoiser_dtype")
+_FINGERPRINTS = ("parameter_fingerprint", "parameter_digests", "denoiser_fingerprint", "objective_fingerprint")
+
+
+def describe_value_difference(expected: DMinConfig, actual: DMinConfig) -> str:
+    """Says which tracked parameters hold other values than when the index was built (same names and shapes)."""
+    names = [name for name, _ in expected.parameters or []]
+    changed = [
+        name for name, a, b in zip(names, expected.parameter_digests or [], actual.parameter_digests or []) if a != b
+    ]
+    shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+    message = (
+        f"tracked parameter values: {len(changed)} of {len(names)} differ from those the index was built with "
+        f"(a different adapter or checkpoint): {shown}"
+    )
+    if expected.denoiser_dtype and actual.denoiser_dtype and expected.denoiser_dtype != actual.denoiser_dtype:
+        message += (
+            f" (the index was built with {expected.denoiser_dtype} weights, this denoiser is "
+            f"{actual.denoiser_dtype}; values are compared after a cast to float16, so float32 and float16 copies "
+            "of the same weights match but bfloat16 ones do not)"
+        )
+    return message
 
 
 def describe_parameter_difference(expected: list[list[Any]], actual: list[list[Any]]) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,13 +54,102 @@ def select_tracked_parameters(denoiser: torch.nn.Module, patterns: list[str] | N
     return trainable
 
 
+_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+")
+
+
 def describe_parameters(parameters: NamedParameters) -> list[list]:
-    """``[name, shape]`` for each tracked parameter, as recorded in the config."""
-    return [[name, list(p.shape)] for name, p in parameters]
+    """``[name, shape]`` for each tracked parameter, as recorded in the config.
+
+    The peft adapter name is left out of LoRA names (``...to_q.lora_A.weight``): a training script calls its
+    adapter ``default`` and ``load_lora_weights`` calls the same weights ``default_0``.
+    """
+    return [[_ADAPTER_NAME.sub(r".\1", name), list(p.shape)] for name, p in parameters]
 
 
-def parameter_fingerprint(description: list[list]) -> str:
-    return hashlib.sha256(json.dumps(description, separators=(",", ":")).encode()).hexdigest()[:16]
+_DIGEST_CHUNK = 1 << 24  # elements hashed at a time, so a large parameter is never copied whole
+
+
+def _float16_bytes(values: torch.Tensor) -> bytes:
+    """The values as float16 on the CPU (copied to the CPU first, then cast there), as little-endian bytes."""
+    return values.detach().to("cpu").to(torch.float16).contiguous().view(torch.int16).numpy().tobytes()
+
+
+def parameter_value_digest(parameter: torch.Tensor) -> str | None:
+    """A digest of a parameter's values: sha256 (first 16 hex digits) of its shape and its values cast to
+    float16 on the CPU.
+
+    The cast makes the digest the same for float32 and float16 copies of the same weights (a float16 copy is
+    the same round-to-nearest cast of the float32 values) and on every device. A bfloat16 copy rounds
+    differently, so its digest differs. ``None`` for parameters without values (on the ``meta`` device).
+    """
+    if parameter.device.type == "meta":
+        return None
+    digest = hashlib.sha256(json.dumps(list(parameter.shape)).encode())
+    flat = parameter.detach().reshape(-1)
+    for start in range(0, flat.numel(), _DIGEST_CHUNK):
+        digest.update(_float16_bytes(flat[start : start + _DIGEST_CHUNK]))
+    return digest.hexdigest()[:16]
+
+
+def parameter_digests(parameters: NamedParameters) -> list[str] | None:
+    """:func:`parameter_value_digest` of each tracked parameter, or ``None`` if any has no values."""
+    digests = [parameter_value_digest(p) for _, p in parameters]
+    return None if None in digests else digests
+
+
+def parameter_fingerprint(description: list[list], digests: list[str] | None = None) -> str:
+    """One digest of the tracked parameters: their names and shapes and, when given, their value digests."""
+    payload = description if digests is None else [description, digests]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
+_DENOISER_SAMPLES = 16
+
+
+def denoiser_fingerprint(denoiser: torch.nn.Module, tracked: NamedParameters) -> str | None:
+    """A cheap fingerprint of the denoiser outside the tracked parameters and the LoRA adapters: every other
+    parameter's name and shape, and 16 of its values (evenly spaced, cast to float16 on the CPU as in
+    :func:`parameter_value_digest`). Different base checkpoints differ in nearly every value, so a sample is
+    enough to tell them apart without hashing gigabytes. peft's ``.base_layer`` is left out of names, so a
+    denoiser with and without an adapter has the same base fingerprint. ``None`` if a weight is on ``meta``."""
+    tracked_ids = {id(p) for _, p in tracked}
+    digest = hashlib.sha256()
+    for name, parameter in denoiser.named_parameters():
+        if id(parameter) in tracked_ids or ".lora_" in name:
+            continue
+        if parameter.device.type == "meta":
+            return None
+        flat = parameter.detach().reshape(-1)
+        count = min(_DENOISER_SAMPLES, flat.numel())
+        positions = [i * (flat.numel() - 1) // max(count - 1, 1) for i in range(count)]
+        sample = flat[torch.tensor(positions, dtype=torch.long, device=flat.device)]
+        digest.update(json.dumps([_BASE_LAYER.sub("", name), list(parameter.shape)]).encode())
+        digest.update(_float16_bytes(sample))
+    return digest.hexdigest()[:16]
+
+
+def objective_fingerprint(objective, timesteps: list[int]) -> str:
+    """A digest of what the training objective does at each recorded timestep: the noisy input, the target and
+    the model timestep it produces for a clean value ``x = (1, 0)`` and noise ``(0, 1)`` (so the coefficients of
+    ``x`` and of the noise), printed to 6 significant digits. Two schedulers with the same name but another noise
+    schedule, shift or prediction type give different fingerprints."""
+    latents = torch.tensor([[1.0, 0.0]])
+    noise = torch.tensor([[0.0, 1.0]])
+    values = [objective.name]
+    for timestep in timesteps:
+        noised = objective.noised(latents, noise, int(timestep))
+        numbers = torch.cat([noised.noisy.reshape(-1), noised.target.reshape(-1), noised.model_timestep.reshape(-1)])
+        values.append(" ".join(f"{float(v):.5e}" for v in numbers.float()))
+    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
+
+
+def default_base_model(pipeline) -> str | None:
+    """The pipeline's ``name_or_path`` when it is a Hub repository id (a local directory is not recorded)."""
+    name = getattr(pipeline, "name_or_path", None)
+    if not isinstance(name, str) or not name or os.path.exists(name) or name.count("/") != 1:
+        return None
+    return name
 
 
 @dataclass
@@ -179,15 +270,18 @@ class GradientSketcher:
 
 
 def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
-    """Fills in the fields that come from the pipeline: family, objective, timesteps, resolution and the
-    tracked parameters with their fingerprint. Fields already set are kept (and validated)."""
+    """Fills in the fields that come from the pipeline: family, objective, timesteps, resolution, the tracked
+    parameters with their value digests and fingerprint, and the denoiser and objective fingerprints. Fields
+    already set are kept (and validated)."""
     objective = make_objective(family.pipeline.scheduler, config.objective)
     num_train = objective.num_train_timesteps
     timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train)
     bad = [t for t in timesteps if not 0 <= t < num_train]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the training schedule [0, {num_train})")
-    description = describe_parameters(select_tracked_parameters(family.denoiser, config.tracked_parameters))
+    tracked = select_tracked_parameters(family.denoiser, config.tracked_parameters)
+    description = describe_parameters(tracked)
+    digests = parameter_digests(tracked)
     max_sequence_length = config.max_sequence_length
     if family.name == "sd3" and max_sequence_length is None:
         max_sequence_length = SD3_DEFAULT_MAX_SEQUENCE_LENGTH
@@ -199,7 +293,12 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
         resolution=config.resolution or family.native_resolution(),
         max_sequence_length=max_sequence_length,
         parameters=description,
-        parameter_fingerprint=parameter_fingerprint(description),
+        parameter_fingerprint=parameter_fingerprint(description, digests),
+        parameter_digests=digests,
+        denoiser_fingerprint=denoiser_fingerprint(family.denoiser, tracked),
+        objective_fingerprint=objective_fingerprint(objective, timesteps),
+        denoiser_dtype=str(family.denoiser.dtype).removeprefix("torch."),
+        base_model=config.base_model or default_base_model(family.pipeline),
     )
 
 

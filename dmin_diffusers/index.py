@@ -1,64 +1,236 @@
-"""`AttributionIndex`: a resolved config, the stored rows, the HNSW index and a reference to the dataset."""
+"""`AttributionIndex`: a resolved config, the stored rows, the HNSW index and a reference to the dataset.
+
+An index is a directory (local, or a snapshot of a Hub repository in the ``huggingface_hub`` cache) holding
+``dmin_config.json``, ``dataset.json``, ``manifest.json`` (the sha256 and size of every other file),
+``vectors/*.safetensors`` and, optionally, ``knn.bin`` (hnswlib). Only JSON, safetensors and the hnswlib file are
+ever read, and the hnswlib file only after :func:`~dmin_diffusers.knn_file.check_knn_file` has validated it.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from huggingface_hub import CommitInfo
 
 from .config import CONFIG_NAME, DMinConfig
+from .dataset_rows import HubDatasetRows, infer_hub_reference
+from .hub import (
+    DATASET_INFO_NAME,
+    DEFAULT_MAX_COMMIT_BYTES,
+    KNN_NAME,
+    resolve_index_location,
+    upload_index,
+)
+from .knn_file import check_knn_file
 from .search import KnnIndex, exact_top_k
-from .store import MANIFEST_NAME, SHARD_DIR, VectorStore, write_json_atomic
+from .store import (
+    MANIFEST_NAME,
+    SHARD_DIR,
+    IndexIntegrityError,
+    VectorStore,
+    check_shard_layout,
+    read_manifest,
+    record_files,
+    verify_files,
+    write_json_atomic,
+)
 
-KNN_NAME = "knn.bin"
-DATASET_INFO_NAME = "dataset.json"
+logger = logging.getLogger(__name__)
+CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, KNN_NAME)  # listed under "files" in the manifest
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IndexIntegrityError(f"{path.name} in {path.parent} is not valid JSON ({error})") from None
 
 
 class AttributionIndex:
     """Compressed training gradients of one dataset for one pipeline, ready to score queries.
 
-    Use :meth:`from_pretrained` to open a saved index and :meth:`save_pretrained` to copy it elsewhere; a
-    pipeline's ``build_attribution_index`` creates one and ``load_attribution_index`` attaches one.
+    Use :meth:`from_pretrained` to open a saved index (a directory or a Hub repository), :meth:`save_pretrained`
+    to copy it elsewhere and :meth:`push_to_hub` to publish it; a pipeline's ``build_attribution_index`` creates
+    one and ``load_attribution_index`` attaches one.
+
+    Opening an index checks every file the manifest lists: that it exists and has the listed size, and with
+    ``verify=True`` its sha256 too. A missing ``knn.bin`` is allowed: exact search needs only the rows, and
+    :meth:`build_knn` rebuilds the HNSW index.
 
     Args:
         directory: where the index files live.
-        dataset: the training ``datasets.Dataset``, optional; lets results return the training rows.
+        dataset: the training ``datasets.Dataset``, optional; lets results return the training rows. Without it,
+            rows come from the Hub dataset that ``dataset.json`` names, when there is one (:class:`HubDatasetRows`).
+        verify: also compare every file's sha256 with the manifest (reads every byte once).
+        source: how to name the index in messages (a repository id and commit for Hub indices).
+        read_only: never write into ``directory`` (a snapshot in the Hub cache); a rebuilt HNSW index then stays
+            in memory until :meth:`save_pretrained`.
+        token: Hub token, used for the training dataset when it is private.
     """
 
-    def __init__(self, directory: str | os.PathLike, dataset: Any = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        dataset: Any = None,
+        *,
+        verify: bool = False,
+        source: str | None = None,
+        read_only: bool = False,
+        token: str | bool | None = None,
+    ):
         self.directory = Path(directory)
+        self.source = source or str(self.directory)
+        self.read_only = read_only
         config_path = self.directory / CONFIG_NAME
         if not config_path.exists():
-            raise FileNotFoundError(f"{self.directory} is not an attribution index: {CONFIG_NAME} is missing")
-        self.config = DMinConfig.from_json_file(config_path)
+            raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
+        self.manifest: dict | None = read_manifest(self.directory)
+        if self.manifest is not None:
+            verify_files(self.directory, self.manifest, full=verify, optional=(KNN_NAME,))
+        try:
+            self.config = DMinConfig.from_dict(_read_json(config_path))
+        except TypeError as error:
+            raise ValueError(f"{CONFIG_NAME} in {self.source} is not a DMin config ({error})") from None
         info_path = self.directory / DATASET_INFO_NAME
-        self.dataset_info: dict[str, Any] = json.loads(info_path.read_text()) if info_path.exists() else {}
-        self.dataset = None
+        self.dataset_info: dict[str, Any] = _read_json(info_path) if info_path.exists() else {}
+        self.dataset: Any = HubDatasetRows(self.dataset_info, token=token)
         if dataset is not None:
             self.attach_dataset(dataset)
         self._store: VectorStore | None = None
         self._knn: KnnIndex | None = None
 
+    def __repr__(self) -> str:
+        return f"AttributionIndex({self.source!r}, rows={self.dataset_info.get('num_rows')}, config={self.config})"
+
     @classmethod
-    def from_pretrained(cls, pretrained_index_path: str | os.PathLike, dataset: Any = None) -> "AttributionIndex":
-        """Opens the index saved in a local directory."""
-        return cls(pretrained_index_path, dataset=dataset)
+    def from_pretrained(
+        cls,
+        pretrained_index_name_or_path: str | os.PathLike,
+        dataset: Any = None,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        repo_type: str = "dataset",
+        subfolder: str | None = None,
+        force_download: bool = False,
+        verify: bool | None = None,
+    ) -> "AttributionIndex":
+        """Opens an index saved in a local directory, or downloads one from a Hub repository.
+
+        Args:
+            pretrained_index_name_or_path: a directory written by ``build_attribution_index`` /
+                :meth:`save_pretrained`, or a Hub repository id (``"user/name"``) written by :meth:`push_to_hub`.
+            dataset: the training ``datasets.Dataset`` (optional, see the class docstring).
+            revision: branch, tag or commit of the repository (default ``main``).
+            token: Hub token (default: the one ``huggingface_hub`` finds).
+            cache_dir: ``huggingface_hub`` cache directory.
+            local_files_only: use the cache only, never the network.
+            repo_type: ``"dataset"`` (the default for indices), ``"model"`` or ``"space"``.
+            subfolder: folder of the repository (or directory) that holds the index.
+            force_download: download again even if cached.
+            verify: check every file's sha256 against the manifest; by default only for Hub downloads (local
+                files are always checked for presence and size).
+        """
+        location = resolve_index_location(
+            pretrained_index_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+            local_files_only=local_files_only, repo_type=repo_type, subfolder=subfolder,
+            force_download=force_download,
+        )
+        return cls(
+            location.directory, dataset=dataset, verify=location.from_hub if verify is None else verify,
+            source=location.source, read_only=location.from_hub, token=token,
+        )
+
+    def files(self) -> list[str]:
+        """The index's files, relative to its directory: metadata, vector shards and, if present, ``knn.bin``
+        (the per-writer ``vectors/part-*.json`` lists used while building are not part of a finished index)."""
+        names = [name for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME) if (self.directory / name).is_file()]
+        names += [shard["file"] for shard in self.store.shards]
+        if (self.directory / KNN_NAME).is_file():
+            names.append(KNN_NAME)
+        return names
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Copies the index files (config, manifest, shards, HNSW file, dataset reference) to a directory."""
+        """Copies the index files (config, manifest, shards, HNSW file, dataset reference) to a directory; an
+        HNSW index rebuilt in memory is written there too, and the manifest lists the checksums of every file."""
         target = Path(save_directory)
         if target.resolve() == self.directory.resolve():
             return
         (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        for shard in self.store.shards:
-            shutil.copyfile(self.directory / shard["file"], target / shard["file"])
-        for name in (CONFIG_NAME, DATASET_INFO_NAME, KNN_NAME, MANIFEST_NAME):
-            if (self.directory / name).exists():
-                shutil.copyfile(self.directory / name, target / name)
+        for name in self.files():
+            shutil.copyfile(self.directory / name, target / name)
+        if not (self.directory / KNN_NAME).is_file() and self._knn is not None:
+            self._knn.save(target / KNN_NAME)
+        record_files(target, list(CHECKSUMMED_FILES))
+
+    def record_checksums(self) -> None:
+        """Lists the sha256 and size of the config, the dataset reference and the HNSW file in the manifest
+        (the shards are listed as they are written)."""
+        if self.read_only:
+            raise PermissionError(f"{self.source} is read-only (a Hub snapshot); save_pretrained it elsewhere first")
+        self.manifest = record_files(self.directory, list(CHECKSUMMED_FILES))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        repo_type: str = "dataset",
+        create_pr: bool = False,
+        *,
+        subfolder: str | None = None,
+        max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
+    ) -> CommitInfo:
+        """Uploads the index, with a generated dataset card, to a Hub repository (created if needed).
+
+        Args:
+            repo_id: ``"user/name"`` (or ``"name"`` in your own namespace).
+            private: visibility of a newly created repository.
+            token: Hub token (default: the one ``huggingface_hub`` finds).
+            revision: branch to push to; created from ``main`` when it does not exist.
+            commit_message: message of the commit (default ``"Upload DMin attribution index"``).
+            repo_type: ``"dataset"`` by default; ``"model"`` puts the index in a model repository (e.g. beside a
+                LoRA, with ``subfolder``).
+            create_pr: open a pull request instead of committing to the branch (one commit).
+            subfolder: folder of the repository to put the index in; its card goes there too.
+            max_commit_bytes: vector shards are committed in batches of at most this many bytes before the
+                commit of the metadata, so a large upload can be resumed.
+
+        Returns:
+            the :class:`~huggingface_hub.CommitInfo` of the commit that holds the complete index.
+        """
+        from .card import make_index_card
+
+        if not self.read_only:
+            self.record_checksums()
+        self._check_complete()
+        verify_files(self.directory, self.manifest, full=True, optional=(KNN_NAME,))  # never publish damage
+        card = make_index_card(self, repo_id, repo_type=repo_type, subfolder=subfolder)
+        return upload_index(
+            self.directory, repo_id, self.files(), card, private=private, token=token, revision=revision,
+            commit_message=commit_message, repo_type=repo_type, create_pr=create_pr, subfolder=subfolder,
+            max_commit_bytes=max_commit_bytes,
+        )
+
+    def _check_complete(self) -> None:
+        if self.manifest is None:
+            raise FileNotFoundError(f"{self.source} has no {MANIFEST_NAME}: the index was not finished")
+        if self.store.num_rows != self.dataset_info.get("num_rows", self.store.num_rows):
+            raise ValueError(
+                f"{self.source} holds {self.store.num_rows} rows of a {self.dataset_info['num_rows']}-row dataset: "
+                "finish building it before publishing"
+            )
 
     def attach_dataset(self, dataset: Any) -> None:
         """Sets the training dataset that row ids refer to, after checking it has the recorded size."""
@@ -70,13 +242,27 @@ class AttributionIndex:
     @property
     def store(self) -> VectorStore:
         if self._store is None:
-            self._store = VectorStore(self.directory)
-            if self._store.row_dim != self.config.row_dim:
+            manifest = self.manifest or read_manifest(self.directory)
+            if manifest is None:
+                raise FileNotFoundError(f"no {MANIFEST_NAME} in {self.source}")
+            if int(manifest["row_dim"]) != self.config.row_dim or manifest["dtype"] != self.config.storage_dtype:
                 raise ValueError(
-                    f"{self.directory}: stored rows have {self._store.row_dim} values, the config says "
-                    f"{self.config.row_dim}"
+                    f"{self.source}: {MANIFEST_NAME} lists rows of {manifest['row_dim']} {manifest['dtype']} values, "
+                    f"the config says {self.config.row_dim} {self.config.storage_dtype}"
                 )
+            for shard in manifest["shards"]:
+                check_shard_layout(self.directory, shard, self.config.row_dim, self.config.storage_dtype)
+            store = VectorStore(self.directory)
+            self._check_row_ids(store.row_ids)
+            self._store = store
         return self._store
+
+    def _check_row_ids(self, row_ids: np.ndarray) -> None:
+        num_rows = self.dataset_info.get("num_rows")
+        if len(np.unique(row_ids)) != len(row_ids):
+            raise IndexIntegrityError(f"{self.source}: a dataset row is stored twice in the shards")
+        if len(row_ids) and (row_ids.min() < 0 or (num_rows is not None and row_ids.max() >= num_rows)):
+            raise IndexIntegrityError(f"{self.source}: the shards hold row ids outside the dataset's {num_rows} rows")
 
     @property
     def num_rows(self) -> int:
@@ -93,21 +279,38 @@ class AttributionIndex:
 
     @property
     def knn(self) -> KnnIndex:
-        """The HNSW index, loaded from disk, or built and saved if it is missing."""
+        """The HNSW index: ``knn.bin``, validated and loaded, or, when the file is missing, rebuilt from the rows
+        (and saved beside them unless the index is read-only)."""
         if self._knn is None:
             path = self.directory / KNN_NAME
             if path.exists():
-                self._knn = KnnIndex.load(path, self.config.num_timesteps, self.knn_dim, self.num_rows)
+                self._knn = self._load_knn(path)
             else:
+                logger.warning("%s has no %s: building the HNSW index from the %d stored rows",
+                               self.source, KNN_NAME, self.num_rows)
                 self.build_knn()
         return self._knn
 
-    def build_knn(self) -> None:
-        """(Re)builds the HNSW index from the stored rows and saves it beside them."""
+    def _load_knn(self, path: Path) -> KnnIndex:
+        dim = self.config.num_timesteps * self.knn_dim
+        try:
+            check_knn_file(path, dim, self.store.row_ids, self.config.hnsw_m, self.config.hnsw_ef_construction)
+        except ValueError as error:
+            raise IndexIntegrityError(
+                f"{error} (in {self.source}; delete {KNN_NAME} and call build_knn() to rebuild it)"
+            ) from None
+        return KnnIndex.load(path, self.config.num_timesteps, self.knn_dim, self.num_rows)
+
+    def build_knn(self) -> KnnIndex:
+        """(Re)builds the HNSW index from the stored rows. It is saved as ``knn.bin`` beside them, with its
+        checksum in the manifest, unless the index is read-only (then see :meth:`save_pretrained`)."""
         self._knn = KnnIndex.build(
             self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m, self.config.hnsw_ef_construction
         )
-        self._knn.save(self.directory / KNN_NAME)
+        if not self.read_only:
+            self._knn.save(self.directory / KNN_NAME)
+            self.record_checksums()
+        return self._knn
 
     def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
         """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector.
@@ -133,7 +336,9 @@ def describe_dataset(
     dataset: Any, image_column: str, caption_column: str | None, reference: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """What an index records about its training dataset. ``reference`` may add where it comes from (``name``,
-    ``config_name``, ``revision``, ``split``), so that rows can be found again without the dataset object."""
+    ``config_name``, ``revision``, ``split``, ``selection``), so that rows can be found again without the dataset
+    object; without it, a dataset loaded from the Hub with ``load_dataset`` is recognised by where ``datasets``
+    cached it (repository id, config and commit)."""
     info = getattr(dataset, "info", None)
     described = {
         "num_rows": len(dataset),
@@ -145,7 +350,12 @@ def describe_dataset(
         "revision": None,
         "split": str(dataset.split) if getattr(dataset, "split", None) is not None else None,
     }
-    described.update(reference or {})
+    inferred = infer_hub_reference(dataset)
+    given = {key: value for key, value in (reference or {}).items() if value is not None}
+    if given.get("name") not in (None, inferred.get("name")):
+        inferred = {}  # the reference names another dataset: its revision is not the cached one
+    described.update(inferred)
+    described.update(given)
     return described
 
 

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from .caching import cache_dataset
-from .config import DMinConfig
+from .config import CONFIG_NAME, DMinConfig
 from .families import PipelineFamily, detect_family
 from .gradients import GradientSketcher, check_config_matches
+from .hub import resolve_index_location
 from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
 from .result import AttributionResult
@@ -75,30 +76,63 @@ class InfluenceMixin:
         return index
 
     def load_attribution_index(
-        self, index: str | os.PathLike | AttributionIndex, dataset: Any = None, strict: bool = True
+        self,
+        index: str | os.PathLike | AttributionIndex,
+        dataset: Any = None,
+        strict: bool = True,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        **kwargs: Any,
     ) -> AttributionIndex:
-        """Attaches a saved index to this pipeline.
+        """Attaches a saved index to this pipeline, from a directory or a Hub repository.
 
         Args:
-            index: a directory written by ``build_attribution_index`` / ``save_pretrained``, or an index.
-            dataset: the training ``datasets.Dataset``, so that results can return the rows themselves.
-            strict: refuse (``ValueError``) an index whose config or tracked parameters do not match this
-                pipeline; with ``False`` only warn.
+            index: a directory written by ``build_attribution_index`` / ``save_pretrained``, a Hub repository id
+                written by ``AttributionIndex.push_to_hub``, or an index.
+            dataset: the training ``datasets.Dataset``, so that results can return the rows themselves (by
+                default they are loaded from the Hub dataset the index records, when there is one).
+            strict: refuse (``ValueError``) an index whose config, tracked parameters (names, shapes, values),
+                denoiser or objective do not match this pipeline; with ``False`` only warn.
+            revision, token, cache_dir, local_files_only: as in ``AttributionIndex.from_pretrained``; further
+                keyword arguments (``repo_type``, ``subfolder``, ``force_download``, ``verify``) go there too.
+
+        A Hub index is checked against the pipeline from its config alone, before its vectors are downloaded.
         """
-        if not isinstance(index, AttributionIndex):
-            index = AttributionIndex.from_pretrained(index, dataset=dataset)
-        elif dataset is not None:
-            index.attach_dataset(dataset)
         family = detect_family(self)
-        differences = check_config_matches(index.config, family)
-        if differences:
+
+        def check(source: str, config: DMinConfig) -> None:
+            differences = check_config_matches(config, family)
+            if not differences:
+                return
             message = (
-                f"the attribution index in {index.directory} does not belong to this {type(self).__name__}: "
+                f"the attribution index {source} does not belong to this {type(self).__name__}: "
                 + "; ".join(differences)
             )
             if strict:
                 raise ValueError(message + " (pass strict=False to use it anyway)")
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)
+
+        if isinstance(index, AttributionIndex):
+            if dataset is not None:
+                index.attach_dataset(dataset)
+            check(index.source, index.config)
+        else:
+            location = resolve_index_location(
+                index, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                repo_type=kwargs.get("repo_type", "dataset"), subfolder=kwargs.get("subfolder"), metadata_only=True,
+            )
+            if location.from_hub:  # refuse a Hub index from its config, before downloading its vectors
+                check(location.source, DMinConfig.from_json_file(location.directory / CONFIG_NAME))
+                revision = location.commit or revision
+            index = AttributionIndex.from_pretrained(
+                index, dataset=dataset, revision=revision, token=token, cache_dir=cache_dir,
+                local_files_only=local_files_only, **kwargs,
+            )
+            if not location.from_hub:
+                check(index.source, index.config)
         self._attribution_index = index
         self._attribution_sketcher = GradientSketcher(family, index.config)
         return index

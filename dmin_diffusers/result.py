@@ -8,6 +8,7 @@ from typing import Any
 import PIL.Image
 from PIL import ImageDraw
 
+from .dataset_rows import HubDatasetRows
 from .inputs import to_pil
 
 
@@ -21,6 +22,7 @@ class AttributionResult:
         image: the query image.
         prompt: the query prompt (``None`` for unconditional models).
         exact: whether every row was scored (``True``) or HNSW proposed the candidates.
+        dataset: the training rows: a ``datasets.Dataset``, a :class:`HubDatasetRows` or ``None``.
     """
 
     indices: list[int]
@@ -34,19 +36,28 @@ class AttributionResult:
 
     @property
     def examples(self) -> list[dict[str, Any]]:
-        """The training rows themselves, or ``[]`` when the index has no dataset attached
-        (see :attr:`examples_unavailable_reason`)."""
+        """The training rows themselves, most influential first.
+
+        They come from the dataset attached to the index or, for an index without one, from the Hub dataset
+        that the index records (name, revision, split; loaded on first use and cached by ``datasets``). ``[]``
+        when neither is available: :attr:`examples_unavailable_reason` says why.
+        """
         if self.dataset is None:
+            return []
+        if isinstance(self.dataset, HubDatasetRows) and self.dataset.load() is None:
             return []
         return [self.dataset[int(index)] for index in self.indices]
 
     @property
     def examples_unavailable_reason(self) -> str | None:
+        """Why :attr:`examples` is empty, or ``None`` when the rows are available."""
         if self.dataset is None:
             return (
                 "no training dataset is attached to the index; pass dataset=... to load_attribution_index "
                 "or AttributionIndex.from_pretrained"
             )
+        if isinstance(self.dataset, HubDatasetRows):
+            return self.dataset.unavailable_reason
         return None
 
     def to_image(self, tile_size: int = 128, columns: int | None = None) -> PIL.Image.Image:

@@ -3,6 +3,9 @@
 A shard holds ``vectors`` (rows x row_dim, in the storage dtype) and ``row_ids`` (int64 dataset row numbers).
 Shards and manifests are written to a temporary name and renamed, and a shard only counts once a manifest
 lists it, so a process killed at any moment leaves a consistent store that can be resumed.
+
+The manifest lists the sha256 and size of every shard and, under ``"files"``, of the other files of an index;
+:func:`verify_files` and :func:`check_shard_layout` check them before anything is read.
 """
 
 from __future__ import annotations
@@ -46,7 +49,109 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
     if not path.exists():
         return None
     with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+        try:
+            return json.load(handle)
+        except json.JSONDecodeError as error:
+            raise IndexIntegrityError(f"{MANIFEST_NAME} in {directory} is not valid JSON ({error})") from None
+
+
+# ------------------------------------------------------------------------------------------------ checksums
+
+
+class IndexIntegrityError(ValueError):
+    """A file of an index is missing, truncated, or not the file that ``manifest.json`` lists."""
+
+
+def file_record(path: str | os.PathLike) -> dict:
+    """``{"sha256", "bytes"}`` of a file, as the manifest lists it."""
+    return {"sha256": file_sha256(path), "bytes": Path(path).stat().st_size}
+
+
+def record_files(directory: str | os.PathLike, names: list[str]) -> dict:
+    """Lists the checksum and size of each of ``names`` (files beside the shards: config, dataset reference,
+    HNSW file) under ``"files"`` in ``manifest.json``; a name whose file does not exist is dropped from the list.
+    Returns the updated manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest is None:
+        raise FileNotFoundError(f"no {MANIFEST_NAME} in {directory}")
+    files = dict(manifest.get("files", {}))
+    for name in names:
+        if (directory / name).is_file():
+            files[name] = file_record(directory / name)
+        else:
+            files.pop(name, None)
+    manifest["files"] = dict(sorted(files.items()))
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _checked_name(name: object) -> str:
+    """A manifest entry must name a file inside the index directory."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or ".." in Path(name).parts:
+        raise IndexIntegrityError(f"{MANIFEST_NAME} lists an invalid file name {name!r}")
+    return name
+
+
+def manifest_entries(manifest: dict) -> dict[str, dict]:
+    """Every file the manifest vouches for (shards and ``"files"``), by relative path."""
+    try:
+        entries = {_checked_name(shard["file"]): shard for shard in manifest["shards"]}
+        entries.update({_checked_name(name): record for name, record in manifest.get("files", {}).items()})
+        for name, record in entries.items():
+            if not isinstance(record.get("bytes"), int) or not isinstance(record.get("sha256"), str):
+                raise IndexIntegrityError(f"{MANIFEST_NAME} has no valid size and sha256 for {name}")
+    except (KeyError, TypeError, AttributeError) as error:
+        raise IndexIntegrityError(f"{MANIFEST_NAME} is malformed ({type(error).__name__}: {error})") from None
+    return entries
+
+
+def verify_files(
+    directory: str | os.PathLike, manifest: dict, full: bool = True, optional: tuple[str, ...] = ()
+) -> None:
+    """Checks every file the manifest lists: present (unless in ``optional``), of the listed size and, with
+    ``full``, of the listed sha256. Raises :class:`IndexIntegrityError` naming the first bad file."""
+    directory = Path(directory)
+    for name, record in manifest_entries(manifest).items():
+        path = directory / name
+        if not path.is_file():
+            if name in optional:
+                continue
+            raise IndexIntegrityError(f"{name} is listed in {MANIFEST_NAME} but missing from {directory}")
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            raise IndexIntegrityError(
+                f"{name} has {size} bytes but {MANIFEST_NAME} lists {record['bytes']}: the file is truncated or "
+                f"was replaced (in {directory})"
+            )
+        if full:
+            digest = file_sha256(path)
+            if digest != record["sha256"]:
+                raise IndexIntegrityError(
+                    f"{name} does not match its checksum in {MANIFEST_NAME} (sha256 {digest[:16]}..., expected "
+                    f"{record['sha256'][:16]}...): the file was modified or damaged (in {directory})"
+                )
+
+
+def check_shard_layout(directory: str | os.PathLike, shard: dict, row_dim: int, dtype: str) -> None:
+    """Checks a shard's safetensors header against the manifest: ``vectors`` of ``(rows, row_dim)`` values in the
+    storage dtype and ``row_ids`` of ``rows`` int64 values. safetensors validates the header itself."""
+    name = shard["file"]
+    expected = {"vectors": (str(_DTYPES[dtype]), [shard["rows"], row_dim]), "row_ids": ("torch.int64", [shard["rows"]])}
+    try:
+        with safe_open(Path(directory) / name, framework="pt") as handle:
+            found = {}
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                dtype = piece.get_dtype()
+                found[key] = (str(_SAFETENSORS_DTYPES.get(dtype, dtype)), list(piece.get_shape()))
+    except Exception as error:  # safetensors raises its own error types for malformed headers
+        raise IndexIntegrityError(f"{name} is not a readable safetensors file ({error})") from None
+    if found != expected:
+        raise IndexIntegrityError(f"{name} holds {found}, but {MANIFEST_NAME} implies {expected}")
+
+
+_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
 
 
 def _part_manifests(directory: Path) -> list[Path]:

@@ -1,0 +1,191 @@
+"""The dataset card (``README.md`` with YAML metadata) published with an attribution index on the Hub."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from huggingface_hub import DatasetCard, DatasetCardData, constants
+
+if TYPE_CHECKING:
+    from .index import AttributionIndex
+
+CARD_TAGS = ["dmin", "data-attribution", "training-data-attribution", "influence-estimation", "diffusers",
+             "dmin-diffusers"]
+PAPER_URL = "https://arxiv.org/abs/2412.08637"
+_PIPELINE_CLASSES = {
+    "ddpm": "DMinDDPMPipeline",
+    "stable-diffusion": "DMinStableDiffusionPipeline",
+    "sd3": "DMinStableDiffusion3Pipeline",
+}
+_SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
+                    (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
+
+
+def size_category(num_rows: int) -> str:
+    """The Hub's ``size_categories`` bucket for a row count."""
+    return next((label for limit, label in _SIZE_CATEGORIES if num_rows < limit), "n>1T")
+
+
+def _megabytes(num_bytes: int) -> str:
+    return f"{num_bytes / 1e6:.2f} MB" if num_bytes >= 10_000 else f"{num_bytes} bytes"
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    lines = ["| | |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in rows if value not in (None, "")]
+    return "\n".join(lines)
+
+
+def _dataset_link(name: str | None) -> str | None:
+    if not name:
+        return None
+    return f"[{name}]({constants.ENDPOINT}/datasets/{name})" if "/" in name else f"`{name}`"
+
+
+def _tracked_summary(parameters: list[list[Any]]) -> str:
+    total = 0
+    for _, shape in parameters:
+        count = 1
+        for size in shape:
+            count *= int(size)
+        total += count
+    ranks = sorted({int(shape[0]) for name, shape in parameters if ".lora_A." in f".{name}." and shape})
+    lora = f", LoRA rank {'/'.join(map(str, ranks))}" if ranks else ""
+    return f"{len(parameters)} tensors, {total:,} values{lora}"
+
+
+def usage_snippet(
+    index: AttributionIndex, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
+) -> str:
+    """Python that loads the index from ``repo_id`` into its pipeline and attributes an image."""
+    config = index.config
+    cls = _PIPELINE_CLASSES.get(config.family or "", "DMinStableDiffusionPipeline")
+    extra = "".join(
+        f", {key}={value!r}" for key, value in (("repo_type", repo_type), ("subfolder", subfolder))
+        if value and value != ("dataset" if key == "repo_type" else None)
+    )
+    lines = ["import dmin_diffusers as dm", ""]
+    lines.append(f'pipe = dm.{cls}.from_pretrained("{config.base_model or "<base model>"}")')
+    if config.adapter:
+        lines.append(f'pipe.load_lora_weights("{config.adapter}")')
+    lines.append(f'pipe.load_attribution_index("{repo_id}"{extra})')
+    call = "pipe.attribute(image, top_k=10)" if config.family == "ddpm" else "pipe.attribute(image, prompt, top_k=10)"
+    lines += [
+        f"result = {call}  # exact=True scores every row",
+        "result.indices, result.scores  # training-row indices, most influential first",
+        "result.examples                 # the training rows, loaded from the dataset on the Hub",
+    ]
+    return "\n".join(lines)
+
+
+def make_index_card(
+    index: AttributionIndex, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
+) -> DatasetCard:
+    """A dataset card describing ``index``: model, training data, DMin settings, storage, how it was built and how
+    to use it. Its metadata carries :data:`CARD_TAGS`, ``viewer: false`` (the files are not a table) and the
+    DMin settings under ``dmin``."""
+    config, info, manifest = index.config, index.dataset_info, index.manifest or {}
+    files = manifest.get("files", {})
+    shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
+    knn_bytes = int(files.get("knn.bin", {}).get("bytes", 0))
+    total_bytes = sum((index.directory / name).stat().st_size for name in index.files())
+    num_rows = int(info.get("num_rows") or index.num_rows)
+    dataset_name = info.get("name")
+    dmin_settings = {
+        "num_timesteps": config.num_timesteps,
+        "timesteps": config.timesteps,
+        "projection_dim": config.projection_dim,
+        "knn_dim": index.knn_dim,
+        "seed": config.seed,
+        "objective": config.objective,
+        "family": config.family,
+        "storage_dtype": config.storage_dtype,
+        "rows": num_rows,
+        "parameter_fingerprint": config.parameter_fingerprint,
+    }
+    data = DatasetCardData(
+        pretty_name=f"DMin attribution index of {dataset_name or 'a training set'}",
+        tags=list(CARD_TAGS) + ([config.family] if config.family else []),
+        size_categories=size_category(num_rows),
+        source_datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
+        viewer=False,
+        base_model=config.base_model,
+        dmin=dmin_settings,
+    )
+    model_rows = [
+        ("base model", f"`{config.base_model}`" if config.base_model else "not recorded"),
+        ("adapter", f"`{config.adapter}`" if config.adapter else None),
+        ("pipeline family", config.family),
+        ("tracked parameters", _tracked_summary(config.parameters or [])),
+        ("weights dtype when built", config.denoiser_dtype),
+        ("parameter fingerprint", f"`{config.parameter_fingerprint}`"),
+    ]
+    data_rows = [
+        ("dataset", _dataset_link(dataset_name) or "a local dataset (not on the Hub)"),
+        ("config", info.get("config_name")),
+        ("revision", f"`{info['revision']}`" if info.get("revision") else "not pinned"),
+        ("split", info.get("split")),
+        ("row selection", f"`{info['selection']}`" if info.get("selection") else None),
+        ("rows", f"{num_rows:,}"),
+        ("image column", f"`{info.get('image_column')}`" if info.get("image_column") else None),
+        ("caption column", f"`{info.get('caption_column')}`" if info.get("caption_column") else None),
+    ]
+    setting_rows = [
+        ("timesteps T", f"{config.num_timesteps}: {', '.join(map(str, config.timesteps or []))}"
+                        f" (of {config.num_train_timesteps})"),
+        ("compressed size per timestep K", config.projection_dim),
+        ("seed (fixed noise and compressor)", config.seed),
+        ("training objective", config.objective),
+        ("resolution", config.resolution),
+        ("HNSW", f"inner product, M={config.hnsw_m}, ef_construction={config.hnsw_ef_construction}, "
+                 f"{index.knn_dim} values per timestep"),
+    ]
+    storage_rows = [
+        ("rows x values", f"{index.num_rows:,} x {config.row_dim:,} ({config.storage_dtype})"),
+        ("vector shards", f"{len(manifest.get('shards', []))} safetensors files, {_megabytes(shard_bytes)}"),
+        ("HNSW file", _megabytes(knn_bytes) if knn_bytes else "not included (rebuilt on first use)"),
+        ("total", _megabytes(total_bytes)),
+    ]
+    body = f"""
+# {data.pretty_name}
+
+A [DMin]({PAPER_URL}) training-data attribution index, made with
+[dmin-diffusers](https://pypi.org/project/dmin-diffusers/): for an image generated by the model below, it finds
+the training rows that influenced it most, in milliseconds, without recomputing any training gradient.
+
+## Model
+
+{_table(model_rows)}
+
+## Training data
+
+{_table(data_rows)}
+
+## DMin settings
+
+{_table(setting_rows)}
+
+## Storage
+
+{_table(storage_rows)}
+
+## How it was built
+
+Every training row (image, prompt) went through the model exactly as in training, once per timestep above, with
+one fixed Gaussian noise tensor drawn from the seed. The training loss ({config.objective}) was back-propagated
+to the tracked parameters; each timestep's gradient was L2-normalised and compressed to K values (a keyed
+permutation, random signs and group sums), giving one row of T x K values per training row. A row's influence on
+an image is the inner product of their rows. The rows are stored in safetensors shards listed in `manifest.json`
+with the sha256 and size of every file, checked when the index is loaded.
+
+## Usage
+
+```python
+{usage_snippet(index, repo_id, repo_type, subfolder)}
+```
+
+The pipeline must be the one the index was built for: its tracked parameters (names, shapes and values), the
+rest of its denoiser and its training objective are compared with `dmin_config.json`, and a mismatch is refused
+unless `strict=False` is passed.
+"""
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")
