@@ -60,6 +60,7 @@ class GradientCacheCallback:
             seed=get("dmin_seed") or 0,
             resolution=get("resolution"),
             max_sequence_length=get("max_sequence_length"),
+            base_model=get("pretrained_model_name_or_path"),
         )
         dataset_args = {
             name: get(name)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -107,6 +108,7 @@ def run_cache(args: argparse.Namespace) -> None:
         "dataset_name": args.dataset_name, "dataset_config_name": args.dataset_config_name,
         "revision": args.dataset_revision, "max_train_samples": args.max_train_samples, "seed": args.seed,
     }
+    reference = dataset_reference(**dataset_args, data_dir=args.train_data_dir if args.dataset_name else None)
     with state.main_process_first():  # download / prepare the dataset once
         dataset = load_training_dataset(
             train_data_dir=args.train_data_dir, instance_data_dir=args.instance_data_dir,
@@ -119,10 +121,11 @@ def run_cache(args: argparse.Namespace) -> None:
         num_timesteps=args.num_timesteps, projection_dim=args.projection_dim, seed=args.dmin_seed,
         resolution=args.resolution, knn_dim=args.knn_dim, storage_dtype=args.storage_dtype,
         tracked_parameters=args.tracked_parameters, shard_size=args.shard_size,
+        base_model=args.pretrained_model_name_or_path, adapter=args.lora_weights,
     )
     cache_dataset(
         pipeline, dataset, args.output_dir, config, args.image_column, args.caption_column, accelerator=state,
-        dataset_reference=dataset_reference(**dataset_args),
+        dataset_reference=reference,
     )
 
 
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"cache": run_cache, "attribute": run_attribute, "push": run_push}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError) as error:
         print(f"dmin {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -71,11 +71,15 @@ def dataset_reference(
     revision: str | None = None,
     max_train_samples: int | None = None,
     seed: int | None = None,
+    data_dir: str | None = None,
     **_: Any,
 ) -> dict[str, Any]:
     """What an index records about where its rows come from (for finding them again later)."""
-    reference: dict[str, Any] = {"name": dataset_name, "config_name": dataset_config_name, "revision": revision}
-    reference["split"] = "train"
+    reference: dict[str, Any] = {
+        "name": dataset_name, "config_name": dataset_config_name, "revision": revision, "split": "train"
+    }
+    if data_dir is not None:
+        reference["data_dir"] = data_dir
     if max_train_samples is not None:
         reference["selection"] = f"shuffle(seed={seed}).select(range({max_train_samples}))"
     return reference
