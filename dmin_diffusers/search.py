@@ -57,7 +57,10 @@ class KnnIndex:
         index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
         index.init_index(max_elements=max(store.num_rows, 1), M=m, ef_construction=ef_construction, random_seed=0)
         for row_ids, vectors in store.iter_chunks(chunk_rows):
-            index.add_items(knn_vectors(vectors, num_timesteps, knn_dim), row_ids.numpy())
+            # as many threads as torch uses: hnswlib's default (every core) collapses on a shared machine
+            index.add_items(
+                knn_vectors(vectors, num_timesteps, knn_dim), row_ids.numpy(), num_threads=torch.get_num_threads()
+            )
         return cls(index, num_timesteps, knn_dim)
 
     @classmethod
@@ -81,5 +84,5 @@ class KnnIndex:
             return []
         self.index.set_ef(max(ef or 0, count, 64))
         vector = knn_vectors(query.reshape(1, -1).to(torch.float32), self.num_timesteps, self.knn_dim)
-        labels, _ = self.index.knn_query(vector, k=count)
+        labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
         return [int(label) for label in labels[0]]
