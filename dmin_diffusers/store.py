@@ -259,7 +259,9 @@ class VectorStore:
             locations.append(np.stack([np.full(len(shard_ids), shard_number), np.arange(len(shard_ids))], axis=1))
         self.row_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
         self._locations = np.concatenate(locations) if locations else np.zeros((0, 2), dtype=np.int64)
-        self._position = {int(row): i for i, row in enumerate(self.row_ids)}
+        # a sorted copy of the row ids for lookups: 16 bytes a row, where a dict would take about 100
+        self._by_row = np.argsort(self.row_ids, kind="stable")
+        self._sorted_ids = self.row_ids[self._by_row]
 
     def _path(self, shard: dict) -> Path:
         return self.directory / shard["file"]
@@ -288,9 +290,10 @@ class VectorStore:
         out = torch.empty((len(row_ids), self.row_dim), dtype=torch.float32)
         by_shard: dict[int, list[tuple[int, int]]] = {}
         for out_index, row in enumerate(row_ids):
-            if int(row) not in self._position:
+            found = int(np.searchsorted(self._sorted_ids, int(row)))
+            if found == len(self._sorted_ids) or self._sorted_ids[found] != int(row):
                 raise KeyError(f"row {row} is not in the store")
-            shard_number, offset = self._locations[self._position[int(row)]]
+            shard_number, offset = self._locations[self._by_row[found]]
             by_shard.setdefault(int(shard_number), []).append((out_index, int(offset)))
         for shard_number, wanted in by_shard.items():
             with safe_open(self._path(self.shards[shard_number]), framework="pt") as handle:
