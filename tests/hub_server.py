@@ -25,10 +25,8 @@ in a temporary directory and history in memory, and behaves like the Hub where t
 
 Using it from pytest
 --------------------
-Import the fixture into the test module (there is no conftest.py; ``tests/`` is on ``sys.path`` through
-``pythonpath`` in pyproject.toml, or ``PYTHONPATH=tests``)::
-
-    from hub_server import local_hub  # noqa: F401  (pytest finds the fixture by name)
+``tests/conftest.py`` registers this module as a pytest plugin (``pytest_plugins = ["hub_server"]``;
+``tests/`` is on ``sys.path`` through ``pythonpath`` in pyproject.toml), so a test just asks for the fixture::
 
     def test_push(local_hub, tmp_path):
         from huggingface_hub import create_repo, upload_folder, snapshot_download

@@ -24,7 +24,6 @@ from dmin_diffusers.gradients import check_config_matches
 from dmin_diffusers.index import describe_dataset
 from dmin_diffusers.store import IndexIntegrityError
 from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
-from hub_server import local_hub  # noqa: F401  (fixture)
 
 REPO = "user/sd-lora-shapes-dmin"
 DATASET_REPO = "user/shapes"

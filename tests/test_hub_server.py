@@ -27,7 +27,6 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from hub_server import local_hub  # noqa: F401  (fixture)
 
 REPO = "user/attribution-index"
 
