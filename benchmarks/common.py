@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import time
@@ -124,10 +125,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def write_report(name: str, sections: Sequence[tuple[str, str]], quick: bool) -> Path:
-    """Prints the report and writes it to ``benchmarks/results/{name}[-quick].md``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}{'-quick' if quick else ''}.md"
+def write_report(name: str, sections: Sequence[tuple[str, str]], quick: bool, results_dir: Path | None = None) -> Path:
+    """Prints the report and writes it to ``{results_dir}/{name}[-quick].md`` (default ``benchmarks/results``)."""
+    results_dir = results_dir or RESULTS_DIR
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}{'-quick' if quick else ''}.md"
     text = f"# {name}{' (--quick)' if quick else ''}\n\nMachine: {machine_info()}\n"
     for title, body in sections:
         text += f"\n## {title}\n\n{body}\n"
@@ -137,11 +139,20 @@ def write_report(name: str, sections: Sequence[tuple[str, str]], quick: bool) ->
     return path
 
 
-def plot_path(name: str, quick: bool) -> Path:
+def plot_path(name: str, quick: bool, results_dir: Path | None = None) -> Path:
     """Where a plot goes: ``docs/{name}.png`` for full runs, ``benchmarks/results/{name}-quick.png`` for quick
-    ones (so a CI run does not overwrite the committed figures)."""
-    if quick:
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        return RESULTS_DIR / f"{name}-quick.png"
+    ones (so a CI run does not overwrite the committed figures), or ``results_dir`` when one is given."""
+    if results_dir is not None or quick:
+        directory = results_dir or RESULTS_DIR
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{name}{'-quick' if quick else ''}.png"
     DOCS_DIR.mkdir(parents=True, exist_ok=True)
     return DOCS_DIR / f"{name}.png"
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, quick_help: str) -> None:
+    """``--quick``, ``--threads`` and ``--results-dir``, shared by every benchmark script."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--results-dir", type=Path, default=None,
+                        help="write the report and plot here instead of benchmarks/results and docs/")

@@ -39,7 +39,7 @@ from dmin_diffusers.search import KnnIndex
 from dmin_diffusers.sketch import fold_sketch
 from dmin_diffusers.testing import tiny_pipeline
 
-from common import markdown_table, plot_path, setup_threads, write_report
+from common import add_common_arguments, markdown_table, plot_path, setup_threads, write_report
 from quality_data import EVALUATED, digits_classifier, heldout_prompts, load_digit_rows, make_t2i_dataset
 
 TOP_KS = (5, 10, 50, 100)
@@ -60,12 +60,13 @@ class Settings:
     hnsw_max_floats: int
     counterfactual_images: int
     inference_steps: int
+    guidance_scale: float = 4.0
     seed: int = 0
     notes: list[str] = field(default_factory=list)
 
 
-QUICK = Settings(250, 100, 2, 200, 150, 6, 3, (2**10, 2**12, 2**14), 2**28, 1, 30)
-FULL = Settings(600, 600, 8, 600, 1200, 20, 10, (2**10, 2**12, 2**14, 2**16), 2**29, 4, 100)
+QUICK = Settings(250, 400, 2, 200, 150, 6, 3, (2**10, 2**12, 2**14), 2**28, 1, 30)
+FULL = Settings(800, 2000, 8, 600, 1200, 20, 10, (2**10, 2**12, 2**14, 2**16), 2**29, 4, 100)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,15 +179,29 @@ def evaluate_methods(scores: Scores, pixel_similarity: torch.Tensor, row_labels:
 # --------------------------------------------------------------------------------------------------
 
 
-def train_unet_t2i(pipe, dataset, steps: int, seed: int, batch_size: int = 16) -> None:
-    """Fine-tunes the whole tiny UNet (text encoder and VAE frozen) on the data set, diffusers' recipe."""
+def training_latents(pipe, dataset) -> torch.Tensor:
+    """Latents of every row, after setting the VAE's ``scaling_factor`` so that they have unit variance.
+
+    The tiny VAE is random-initialised: its raw latents have a standard deviation near 0.02, and with its default
+    factor the UNet would learn to denoise towards a tiny scale that generation, starting from unit noise, never
+    reaches. Stable Diffusion's 0.18215 was chosen the same way (1 / std of the latents of its training images)."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+                          for im in dataset["image"]])
+    with torch.no_grad():
+        raw = pipe.vae.encode(pixels).latent_dist.mean
+    pipe.vae.register_to_config(scaling_factor=float(1 / raw.std()))
+    return detect_family(pipe).encode_image(pixels)
+
+
+def train_unet_t2i(pipe, dataset, steps: int, seed: int, batch_size: int = 16, empty_prompts: float = 0.1) -> None:
+    """Fine-tunes the whole tiny UNet (text encoder and VAE frozen) on the data set, diffusers' recipe with
+    ``--proportion_empty_prompts 0.1`` so that classifier-free guidance works at generation."""
     family = detect_family(pipe)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    latents = training_latents(pipe, dataset)
     with torch.no_grad():
-        pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-                              for im in dataset["image"]])
-        latents = family.encode_image(pixels)
         conditioning = torch.cat([family.encode_prompt(t)["encoder_hidden_states"] for t in dataset["text"]])
+        empty = family.encode_prompt("")["encoder_hidden_states"]
     unet = pipe.unet
     unet.requires_grad_(True).train()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3)
@@ -195,8 +210,9 @@ def train_unet_t2i(pipe, dataset, steps: int, seed: int, batch_size: int = 16) -
         batch = torch.randint(0, len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[batch].shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=generator)
-        prediction = unet(scheduler.add_noise(latents[batch], noise, t), t,
-                          encoder_hidden_states=conditioning[batch]).sample
+        prompts = torch.where((torch.rand(batch_size, generator=generator) < empty_prompts)[:, None, None],
+                              empty, conditioning[batch])
+        prediction = unet(scheduler.add_noise(latents[batch], noise, t), t, encoder_hidden_states=prompts).sample
         loss = F.mse_loss(prediction, noise)
         loss.backward()
         optimizer.step()
@@ -208,6 +224,7 @@ def train_unet_t2i(pipe, dataset, steps: int, seed: int, batch_size: int = 16) -
 def run_t2i(settings: Settings) -> tuple[dict[str, dict[str, dict[int, float]]], Scores]:
     dataset = make_t2i_dataset(settings.t2i_rows, settings.seed)
     pipe = tiny_pipeline("sd", dm.DMinStableDiffusionPipeline, seed=settings.seed)
+    pipe.set_progress_bar_config(disable=True)
     start = time.perf_counter()
     train_unet_t2i(pipe, dataset, settings.t2i_steps, settings.seed)
     print(f"  trained in {time.perf_counter() - start:.0f}s", flush=True)
@@ -219,11 +236,11 @@ def run_t2i(settings: Settings) -> tuple[dict[str, dict[str, dict[int, float]]],
                for p in heldout_prompts(subset, settings.prompts_per_subset, captions)]
     generator = torch.Generator().manual_seed(settings.seed)
     # The tiny VAE is random-init and cannot round-trip an image, so queries are the generated latents (what
-    # the pipeline's own VAE would encode a faithful decoding back to), with the same prompt encoding as rows.
+    # a faithful VAE would encode the decoded image back to), with the prompt encoded as for the rows.
     queries = []
     for _, prompt in prompts:
         latents = pipe(prompt, num_inference_steps=settings.inference_steps, generator=generator,
-                       output_type="latent", guidance_scale=1.0).images
+                       output_type="latent", guidance_scale=settings.guidance_scale).images
         queries.append(PreparedExample(latents=latents, conditioning=family.encode_prompt(prompt)))
     rows = [sketcher.prepare(r["image"], r["text"]) for r in dataset]
     start = time.perf_counter()
@@ -304,7 +321,7 @@ def run_digits(settings: Settings):
     family = detect_family(pipe)
     config = resolve_config(dm.DMinConfig(num_timesteps=settings.num_timesteps, projection_dim=max(_DIMS)), family)
     sketcher = GradientSketcher(family, config)
-    to_example = lambda x: PreparedExample(latents=x[None], conditioning={})  # noqa: E731 - already model inputs
+    to_example = lambda x: PreparedExample(latents=x[None], conditioning={})
     query_pixels = torch.from_numpy(generated).permute(0, 3, 1, 2) * 2 - 1
     start = time.perf_counter()
     scores = gradient_scores(sketcher, [to_example(x) for x in pixels], [to_example(x) for x in query_pixels])
@@ -409,8 +426,7 @@ def plot_detection(results: dict[str, dict[str, dict[int, float]]], path) -> Non
 def main() -> None:
     global _DIMS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few minutes")
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_arguments(parser, "small sizes, a few minutes")
     args = parser.parse_args()
     setup_threads(args.threads)
     settings = QUICK if args.quick else FULL
@@ -421,7 +437,7 @@ def main() -> None:
     print(f"[{time.perf_counter() - start:.0f}s] digits ...", flush=True)
     digits, digit_scores, counterfactual = run_digits(settings)
     results = {**{f"t2i {k}": v for k, v in t2i.items()}, "digits": digits}
-    plot = plot_path("detection_rate", args.quick)
+    plot = plot_path("detection_rate", args.quick, args.results_dir)
     plot_detection(results, plot)
     t2i_fidelity, _ = fidelity_table(t2i_scores)
     digit_fidelity, _ = fidelity_table(digit_scores)
@@ -437,7 +453,7 @@ def main() -> None:
         ("Compression fidelity: digits", digit_fidelity),
         ("Plot", f"![detection rate]({plot.name}) written to `{plot}`"),
     ]
-    write_report("quality", sections, args.quick)
+    write_report("quality", sections, args.quick, args.results_dir)
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

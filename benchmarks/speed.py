@@ -32,7 +32,7 @@ from dmin_diffusers.sketch import SketchProjector
 from dmin_diffusers.store import VectorStore, VectorStoreWriter, merge_manifests
 from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 
-from common import best_time, markdown_table, peak_memory_bytes, plot_path, setup_threads, write_report
+from common import add_common_arguments, best_time, markdown_table, peak_memory_bytes, plot_path, setup_threads, write_report
 
 GB = 1e9
 MIB = 2**20
@@ -328,8 +328,7 @@ def plot_latency(points: list[tuple[int, float, float]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
-    parser.add_argument("--threads", type=int, default=1)
+    add_common_arguments(parser, "small sizes, about a minute")
     args = parser.parse_args()
     setup_threads(args.threads)
     quick = args.quick
@@ -343,10 +342,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="dmin-speed-") as workdir:
         table, points = latency_table(sizes, 10, 256, 64, 10 if quick else 20, Path(workdir))
     sections.append(("Query latency", table))
-    plot = plot_path("query_latency", quick)
+    plot = plot_path("query_latency", quick, args.results_dir)
     plot_latency(points, plot)
     sections.append(("Plot", f"![query latency]({plot.name}) written to `{plot}`"))
-    write_report("speed", sections, quick)
+    write_report("speed", sections, quick, args.results_dir)
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

@@ -1,0 +1,57 @@
+"""CI runs both benchmark scripts with ``--quick``: they must complete and write their tables and plots. No
+assertion is made on speed or on the quality figures (``benchmarks/README.md`` explains what they mean)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+
+
+def run_quick(script: str, results_dir: Path) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
+    finished = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--results-dir", str(results_dir)],
+                              env=env, capture_output=True, text=True, timeout=900)
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    return finished.stdout
+
+
+def table_rows(report: str, section: str) -> list[list[str]]:
+    """The body rows of the first markdown table under ``## {section}``."""
+    body = report.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in body.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+
+
+@pytest.mark.slow
+def test_speed_quick_writes_its_tables(tmp_path):
+    run_quick("speed.py", tmp_path)
+    report = (tmp_path / "speed-quick.md").read_text()
+    assert "cores visible" in report
+    throughput = {row[0]: row for row in table_rows(report, "Compressor throughput")}
+    assert {"plain read", "paper literal"} <= {name.split(" (")[0] for name in throughput}
+    assert len(table_rows(report, "Caching cost per (row, timestep)")) == 3
+    latency = table_rows(report, "Query latency")
+    assert [row[0] for row in latency] == ["1,000", "10,000"]
+    for row in latency:  # recall@10 is a number in [0, 1]
+        assert all(re.fullmatch(r"[0-9.,x%]+|-", cell) for cell in row[1:]), row
+    assert (tmp_path / "query_latency-quick.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quality_quick_writes_its_tables(tmp_path):
+    run_quick("quality.py", tmp_path)
+    report = (tmp_path / "quality-quick.md").read_text()
+    detection = {row[0]: row[1:] for row in table_rows(report, "Detection rate")}
+    for method in ("random selection", "pixel similarity (cosine)", "uncompressed, normalised",
+                   "uncompressed, no normalisation", "DMin exact, K=2^12", "DMin HNSW, K=2^12"):
+        assert method in detection, list(detection)
+        assert len(detection[method]) == 16 and all(0.0 <= float(v) <= 1.0 for v in detection[method])
+    assert "positive in" in report.split("## Counterfactual", 1)[1]
+    for section in ("Compression fidelity: text-to-image", "Compression fidelity: digits"):
+        assert [row[0] for row in table_rows(report, section)] == ["2^10", "2^12", "2^14"]
+    assert (tmp_path / "detection_rate-quick.png").stat().st_size > 0
