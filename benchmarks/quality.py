@@ -258,8 +258,8 @@ def run_t2i(settings: Settings) -> tuple[dict[str, dict[str, dict[int, float]]],
         results[subset] = evaluate_methods(sub, similarity[chosen], labels, [subset] * len(chosen), settings,
                                            settings.seed)
     share = {s: float(np.mean(labels == s)) for s in EVALUATED}
-    settings.notes.append("text-to-image subset shares: " + ", ".join(f"{s} {100 * v:.2f}% ({int(v * len(labels))} rows)"
-                                                                       for s, v in share.items()))
+    settings.notes.append("text-to-image subset shares: "
+                          + ", ".join(f"{s} {100 * v:.2f}% ({int(v * len(labels))} rows)" for s, v in share.items()))
     return results, scores
 
 
@@ -321,7 +321,10 @@ def run_digits(settings: Settings):
     family = detect_family(pipe)
     config = resolve_config(dm.DMinConfig(num_timesteps=settings.num_timesteps, projection_dim=max(_DIMS)), family)
     sketcher = GradientSketcher(family, config)
-    to_example = lambda x: PreparedExample(latents=x[None], conditioning={})
+
+    def to_example(x: torch.Tensor) -> PreparedExample:  # digits are already model inputs
+        return PreparedExample(latents=x[None], conditioning={})
+
     query_pixels = torch.from_numpy(generated).permute(0, 3, 1, 2) * 2 - 1
     start = time.perf_counter()
     scores = gradient_scores(sketcher, [to_example(x) for x in pixels], [to_example(x) for x in query_pixels])
