@@ -13,7 +13,8 @@ COLOURS = {
     "red": (215, 40, 40), "orange": (240, 140, 30), "yellow": (235, 215, 40), "green": (40, 165, 60),
     "blue": (40, 80, 215), "purple": (140, 50, 180), "pink": (240, 120, 180), "white": (245, 245, 245),
 }
-NAMES = ["Ember", "Frost", "Gale", "Thorn", "Ash", "Tide", "Dusk", "Spark", "Stone", "Mist", "Vale", "Rune"]
+#: 48 card names, so that held-out card prompts exist at every data set size
+NAMES = [a + b for a in ("Em", "Fro", "Ga", "Tho", "As", "Ti", "Du", "Spa") for b in ("ber", "st", "le", "rn", "sk", "dra")]
 
 Drawer = Callable[[np.random.Generator], tuple[Image.Image, str]]
 
@@ -24,19 +25,22 @@ def _colour(rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> tuple[st
 
 
 def draw_flower(rng: np.random.Generator) -> tuple[Image.Image, str]:
-    """Petals (ellipses) around a yellow centre, on a green stem."""
+    """Petals (ellipses) around a yellow centre, on a green stem, on a pale green or pale blue background."""
     name, rgb = _colour(rng, ("green", "yellow"))
     petals = int(rng.integers(4, 9))
-    image = Image.new("RGB", (SIZE, SIZE), (200, 230, 200))
+    size = str(rng.choice(["small", "large"]))
+    backdrop = str(rng.choice(["green", "blue"]))
+    image = Image.new("RGB", (SIZE, SIZE), {"green": (200, 230, 200), "blue": (200, 215, 240)}[backdrop])
     draw = ImageDraw.Draw(image)
     cx, cy = SIZE / 2 + rng.uniform(-3, 3), SIZE / 2 - 3 + rng.uniform(-2, 2)
+    reach, radius = (5, 3) if size == "small" else (7, 5)
     draw.line([(cx, cy), (cx, SIZE)], fill=(30, 120, 40), width=2)
     for i in range(petals):
         angle = 2 * np.pi * i / petals + rng.uniform(0, 0.5)
-        px, py = cx + 6 * np.cos(angle), cy + 6 * np.sin(angle)
-        draw.ellipse([px - 4, py - 4, px + 4, py + 4], fill=rgb)
+        px, py = cx + reach * np.cos(angle), cy + reach * np.sin(angle)
+        draw.ellipse([px - radius, py - radius, px + radius, py + radius], fill=rgb)
     draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=COLOURS["yellow"])
-    return image, f"a {name} flower with {petals} petals"
+    return image, f"a {size} {name} flower with {petals} petals on a pale {backdrop} background"
 
 
 def draw_lego(rng: np.random.Generator) -> tuple[Image.Image, str]:
@@ -135,7 +139,7 @@ def make_t2i_dataset(num_rows: int, seed: int = 0):
 
 
 def heldout_prompts(subset: str, count: int, training_captions: set[str], seed: int = 1) -> list[str]:
-    """Captions of ``subset`` that are not in the training set (the subset's held-out test prompts)."""
+    """``count`` captions of ``subset`` that are not in the training set (the subset's held-out test prompts)."""
     rng = np.random.default_rng([seed, len(subset)])
     prompts: list[str] = []
     for _ in range(200 * count):
@@ -143,8 +147,9 @@ def heldout_prompts(subset: str, count: int, training_captions: set[str], seed: 
         if caption not in training_captions and caption not in prompts:
             prompts.append(caption)
         if len(prompts) == count:
-            break
-    return prompts
+            return prompts
+    raise ValueError(f"the training set holds nearly every {subset} caption: only {len(prompts)} of {count} "
+                     "held-out prompts found")
 
 
 def load_digit_rows(num_rows: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
