@@ -36,7 +36,7 @@ import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
 from dmin_diffusers.search import KnnIndex
-from dmin_diffusers.sketch import fold_sketch
+from dmin_diffusers.sketch import SketchProjector, fold_sketch
 from dmin_diffusers.testing import tiny_pipeline
 
 from common import add_common_arguments, markdown_table, plot_path, setup_threads, write_report
@@ -60,6 +60,7 @@ class Settings:
     hnsw_max_floats: int
     counterfactual_images: int
     inference_steps: int
+    fidelity_keys: int = 4  # keys of the permutation and signs averaged in the fidelity table
     guidance_scale: float = 4.0
     seed: int = 0
     notes: list[str] = field(default_factory=list)
@@ -81,12 +82,17 @@ class Scores:
     methods: dict[str, torch.Tensor]
     row_sketches: torch.Tensor  # (rows, T, K_max) float16
     query_sketches: torch.Tensor  # (queries, T, K_max) float32
-    cosines: torch.Tensor  # (queries, rows, T) uncompressed per-timestep cosines, for the error theory
+    # Inner products of the normalised uncompressed gradients, for the error theory: query timestep t with row
+    # timestep s (queries, rows, T, T), and each gradient's timesteps with each other (queries or rows, T, T).
+    cross: torch.Tensor
+    query_gram: torch.Tensor
+    row_gram: torch.Tensor
+    same_coordinate: torch.Tensor  # (queries, rows): sum_d (sum_t q_td r_td)^2, a coordinate colliding with itself
+    seed_scores: dict[int, torch.Tensor]  # K -> (keys, queries, rows) DMin exact scores; key 0 is the package's
 
 
-def sketch_rows(sketcher: GradientSketcher, normalised: torch.Tensor) -> torch.Tensor:
+def sketch_rows(projector: SketchProjector, normalised: torch.Tensor) -> torch.Tensor:
     """The package's sketch of already-normalised (T, D) gradients (split per parameter, as the hooks see them)."""
-    projector = sketcher.projector
     out = []
     for row in normalised:
         accumulator = projector.new_accumulator()
@@ -96,31 +102,47 @@ def sketch_rows(sketcher: GradientSketcher, normalised: torch.Tensor) -> torch.T
     return torch.stack(out)
 
 
-def gradient_scores(sketcher: GradientSketcher, rows: list[PreparedExample], queries: list[PreparedExample]) -> Scores:
-    """Uncompressed (normalised and raw) and DMin scores of every query against every row."""
+def gradient_scores(sketcher: GradientSketcher, rows: list[PreparedExample], queries: list[PreparedExample],
+                    extra_seeds: int = 0) -> Scores:
+    """Uncompressed (normalised and raw) and DMin scores of every query against every row; DMin exact scores also
+    under ``extra_seeds`` other keys of the permutation and signs (``Scores.seed_scores``, for the fidelity table)."""
+    main = sketcher.projector
+    projectors = [main] + [SketchProjector(main.parameter_sizes, main.dim, sketcher.config.seed + 1 + i)
+                           for i in range(extra_seeds)]
+    dims = sketcher_dims(sketcher)
     q_raw = torch.stack([sketcher.flat_gradients(q, normalize=False) for q in queries])  # (Q, T, D)
     q_norm = F.normalize(q_raw, dim=-1)
-    q_sketch = torch.stack([sketch_rows(sketcher, q) for q in q_norm])
+    q_sketches = [torch.stack([sketch_rows(projector, q) for q in q_norm]) for projector in projectors]
     num_rows, (num_q, num_t, _) = len(rows), q_raw.shape
     raw_scores, norm_scores = torch.zeros(num_q, num_rows), torch.zeros(num_q, num_rows)
-    cosines = torch.zeros(num_q, num_rows, num_t)
-    row_sketches = torch.zeros(num_rows, num_t, sketcher.config.projection_dim, dtype=torch.float16)
+    cross = torch.zeros(num_q, num_rows, num_t, num_t)
+    row_gram = torch.zeros(num_rows, num_t, num_t)
+    same_coordinate = torch.zeros(num_q, num_rows)
+    seed_scores = {dim: torch.zeros(len(projectors), num_q, num_rows) for dim in dims}
+    row_sketches = torch.zeros(num_rows, num_t, main.dim, dtype=torch.float16)
     for n, example in enumerate(rows):
         raw = sketcher.flat_gradients(example, normalize=False)
         normalised = F.normalize(raw, dim=-1)
         raw_scores[:, n] = torch.einsum("qtd,td->q", q_raw, raw)
-        cosines[:, n] = torch.einsum("qtd,td->qt", q_norm, normalised)
-        norm_scores[:, n] = cosines[:, n].sum(-1)
-        row_sketches[n] = sketch_rows(sketcher, normalised).half()
+        cross[:, n] = torch.einsum("qtd,sd->qts", q_norm, normalised)
+        row_gram[n] = normalised @ normalised.T
+        same_coordinate[:, n] = torch.einsum("qtd,td->qd", q_norm, normalised).square().sum(-1)
+        norm_scores[:, n] = cross[:, n].diagonal(dim1=-2, dim2=-1).sum(-1)
+        for i, (projector, q_sketch) in enumerate(zip(projectors, q_sketches)):
+            sketch = sketch_rows(projector, normalised).half()
+            if i == 0:
+                row_sketches[n] = sketch
+            for dim in dims:
+                seed_scores[dim][i, :, n] = torch.einsum("qtk,tk->q", fold_sketch(q_sketch, dim),
+                                                         fold_sketch(sketch.float(), dim))
         if n == 0:  # the benchmark's path must be the package's path
             reference = sketcher.sketch(example)
             assert torch.allclose(reference, row_sketches[0].float(), atol=2e-3), "sketch differs from the package"
     methods = {"uncompressed, no normalisation": raw_scores, "uncompressed, normalised": norm_scores}
-    for dim in sketcher_dims(sketcher):
-        methods[f"DMin exact, K=2^{dim.bit_length() - 1}"] = torch.einsum(
-            "qtk,ntk->qn", fold_sketch(q_sketch, dim), fold_sketch(row_sketches.float(), dim)
-        )
-    return Scores(methods, row_sketches, q_sketch, cosines)
+    for dim in dims:
+        methods[f"DMin exact, K=2^{dim.bit_length() - 1}"] = seed_scores[dim][0]
+    query_gram = torch.einsum("qtd,qsd->qts", q_norm, q_norm)
+    return Scores(methods, row_sketches, q_sketches[0], cross, query_gram, row_gram, same_coordinate, seed_scores)
 
 
 _DIMS: tuple[int, ...] = ()
@@ -244,7 +266,7 @@ def run_t2i(settings: Settings) -> tuple[dict[str, dict[str, dict[int, float]]],
         queries.append(PreparedExample(latents=latents, conditioning=family.encode_prompt(prompt)))
     rows = [sketcher.prepare(r["image"], r["text"]) for r in dataset]
     start = time.perf_counter()
-    scores = gradient_scores(sketcher, rows, queries)
+    scores = gradient_scores(sketcher, rows, queries, settings.fidelity_keys - 1)
     print(f"  gradients of {len(rows)} rows in {time.perf_counter() - start:.0f}s", flush=True)
     row_latents = torch.cat([r.latents for r in rows]).flatten(1)
     query_latents = torch.cat([q.latents for q in queries]).flatten(1)
@@ -254,7 +276,8 @@ def run_t2i(settings: Settings) -> tuple[dict[str, dict[str, dict[int, float]]],
     for subset in EVALUATED:
         chosen = [i for i, (s, _) in enumerate(prompts) if s == subset]
         sub = Scores({k: v[chosen] for k, v in scores.methods.items()}, scores.row_sketches,
-                     scores.query_sketches[chosen], scores.cosines[chosen])
+                     scores.query_sketches[chosen], scores.cross[chosen], scores.query_gram[chosen], scores.row_gram,
+                     scores.same_coordinate[chosen], {k: v[:, chosen] for k, v in scores.seed_scores.items()})
         results[subset] = evaluate_methods(sub, similarity[chosen], labels, [subset] * len(chosen), settings,
                                            settings.seed)
     share = {s: float(np.mean(labels == s)) for s in EVALUATED}
@@ -327,7 +350,8 @@ def run_digits(settings: Settings):
 
     query_pixels = torch.from_numpy(generated).permute(0, 3, 1, 2) * 2 - 1
     start = time.perf_counter()
-    scores = gradient_scores(sketcher, [to_example(x) for x in pixels], [to_example(x) for x in query_pixels])
+    scores = gradient_scores(sketcher, [to_example(x) for x in pixels], [to_example(x) for x in query_pixels],
+                             settings.fidelity_keys - 1)
     print(f"  gradients of {len(pixels)} rows in {time.perf_counter() - start:.0f}s", flush=True)
     similarity = F.normalize(query_pixels.flatten(1), dim=1) @ F.normalize(pixels.flatten(1), dim=1).T
     results = evaluate_methods(scores, similarity, labels, list(read), settings, settings.seed)
@@ -368,25 +392,30 @@ def run_counterfactual(settings: Settings, pixels: torch.Tensor, queries: torch.
 # --------------------------------------------------------------------------------------------------
 
 
-def fidelity_table(scores: Scores) -> tuple[str, list[tuple[int, float, float]]]:
+def fidelity_table(scores: Scores) -> str:
+    """Spearman, top-10 overlap and RMS error of DMin exact against uncompressed normalised scores, per K, beside two
+    predictions of the error's standard deviation for unit gradients. The simple one treats timesteps as
+    independent: sum_t (1 + rho_t^2) / K. The exact one, for a random hash and signs shared by all timesteps, adds
+    the covariance of correlated timesteps and removes a coordinate's collisions with itself:
+    [sum_{t,s} (<q_t, q_s><r_t, r_s> + <q_t, r_s><q_s, r_t>) - 2 sum_d (sum_t q_td r_td)^2] / K. An error well
+    above the exact prediction would mean the keyed permutation does not scatter coordinates like a random hash."""
     exact = scores.methods["uncompressed, normalised"]
-    rho2 = scores.cosines.square().sum(-1)  # sum_t rho_t^2, per (query, row)
-    num_t = scores.cosines.shape[-1]
-    rows, curve = [], []
-    for dim in _DIMS:
-        key = f"DMin exact, K=2^{dim.bit_length() - 1}"
-        if key not in scores.methods:
-            continue
-        approx = scores.methods[key]
-        spearman = np.mean([spearmanr(a, b)[0] for a, b in zip(approx.numpy(), exact.numpy())])
+    diagonal = scores.cross.diagonal(dim1=-2, dim2=-1)  # rho_t per (query, row, t)
+    independent = diagonal.shape[-1] + diagonal.square().sum(-1)
+    shared = (torch.einsum("qts,nts->qn", scores.query_gram, scores.row_gram)
+              + torch.einsum("qnts,qnst->qn", scores.cross, scores.cross) - 2 * scores.same_coordinate)
+    rows = []
+    for dim, keyed in scores.seed_scores.items():
+        spearman = np.mean([spearmanr(a, b)[0] for approx in keyed for a, b in zip(approx.numpy(), exact.numpy())])
         overlap = np.mean([len(set(torch.topk(a, 10).indices.tolist()) & set(torch.topk(b, 10).indices.tolist())) / 10
-                           for a, b in zip(approx, exact)])
-        rms = float((approx - exact).square().mean().sqrt())
-        theory = float(((num_t + rho2) / dim).mean().sqrt())
-        rows.append([f"2^{dim.bit_length() - 1}", f"{spearman:.4f}", f"{overlap:.3f}", f"{rms:.4f}", f"{theory:.4f}"])
-        curve.append((dim, rms, theory))
-    return markdown_table(["K", "Spearman vs uncompressed", "top-10 overlap", "RMS score error",
-                           "theory sqrt(E[(T + sum_t rho_t^2) / K])"], rows), curve
+                           for approx in keyed for a, b in zip(approx, exact)])
+        rms = float((keyed - exact).square().mean().sqrt())
+        theories = [float((variance / dim).mean().sqrt()) for variance in (independent, shared)]
+        rows.append([f"2^{dim.bit_length() - 1}", f"{spearman:.4f}", f"{overlap:.3f}", f"{rms:.4f}",
+                     *(f"{t:.4f}" for t in theories)])
+    header = f"Means over every (query, row) pair and {len(keyed)} keys of the permutation and signs.\n\n"
+    return header + markdown_table(["K", "Spearman vs uncompressed", "top-10 overlap", "RMS score error",
+                                    "theory sum_t (1 + rho_t^2) / K", "theory, exact for a random hash"], rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,8 +471,8 @@ def main() -> None:
     results = {**{f"t2i {k}": v for k, v in t2i.items()}, "digits": digits}
     plot = plot_path("detection_rate", args.quick, args.results_dir)
     plot_detection(results, plot)
-    t2i_fidelity, _ = fidelity_table(t2i_scores)
-    digit_fidelity, _ = fidelity_table(digit_scores)
+    t2i_fidelity = fidelity_table(t2i_scores)
+    digit_fidelity = fidelity_table(digit_scores)
     setup = (f"{settings.t2i_rows} text-to-image rows, tiny SD UNet fine-tuned in full for {settings.t2i_steps} steps "
              f"({settings.prompts_per_subset} held-out prompts per subset); {settings.digit_rows} digits, DDPM "
              f"trained {settings.digit_steps} steps ({settings.digit_queries} generated digits); T = "

@@ -14,7 +14,8 @@ COLOURS = {
     "blue": (40, 80, 215), "purple": (140, 50, 180), "pink": (240, 120, 180), "white": (245, 245, 245),
 }
 #: 48 card names, so that held-out card prompts exist at every data set size
-NAMES = [a + b for a in ("Em", "Fro", "Ga", "Tho", "As", "Ti", "Du", "Spa") for b in ("ber", "st", "le", "rn", "sk", "dra")]
+NAMES = [a + b for a in ("Em", "Fro", "Ga", "Tho", "As", "Ti", "Du", "Spa")
+         for b in ("ber", "st", "le", "rn", "sk", "dra")]
 
 Drawer = Callable[[np.random.Generator], tuple[Image.Image, str]]
 
