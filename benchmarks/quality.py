@@ -12,11 +12,11 @@ laptop scale, a counterfactual retraining check, and compression fidelity.
   to the smaller ones (nested sketches); the first row is checked against ``GradientSketcher.sketch``.
 * Counterfactual (digits): retrain without the top-k attributed rows of a generated image, and without k random
   rows (same seeds otherwise); how much does the model's loss on that image rise?
-* Compression fidelity: Spearman and top-10 overlap of compressed vs uncompressed scores, and the score error
-  against its theoretical standard deviation sqrt(sum_t (1 + rho_t^2) / K).
+* Compression fidelity: Spearman and top-10 overlap of compressed vs uncompressed scores over 4 keys of the
+  sketch, and the score error against the count sketch's theoretical standard deviation (``fidelity_table``).
 
     python benchmarks/quality.py --quick    # a few minutes
-    python benchmarks/quality.py            # the full tables (20-30 minutes on a 2-core laptop)
+    python benchmarks/quality.py            # the full tables (about an hour on one core)
 """
 
 from __future__ import annotations
