@@ -113,6 +113,7 @@ def gradient_scores(sketcher: GradientSketcher, rows: list[PreparedExample], que
     q_raw = torch.stack([sketcher.flat_gradients(q, normalize=False) for q in queries])  # (Q, T, D)
     q_norm = F.normalize(q_raw, dim=-1)
     q_sketches = [torch.stack([sketch_rows(projector, q) for q in q_norm]) for projector in projectors]
+    q_folded = [{dim: fold_sketch(q_sketch, dim) for dim in dims} for q_sketch in q_sketches]
     num_rows, (num_q, num_t, _) = len(rows), q_raw.shape
     raw_scores, norm_scores = torch.zeros(num_q, num_rows), torch.zeros(num_q, num_rows)
     cross = torch.zeros(num_q, num_rows, num_t, num_t)
@@ -128,13 +129,13 @@ def gradient_scores(sketcher: GradientSketcher, rows: list[PreparedExample], que
         row_gram[n] = normalised @ normalised.T
         same_coordinate[:, n] = torch.einsum("qtd,td->qd", q_norm, normalised).square().sum(-1)
         norm_scores[:, n] = cross[:, n].diagonal(dim1=-2, dim2=-1).sum(-1)
-        for i, (projector, q_sketch) in enumerate(zip(projectors, q_sketches)):
+        for i, projector in enumerate(projectors):
             sketch = sketch_rows(projector, normalised).half()
             if i == 0:
                 row_sketches[n] = sketch
             for dim in dims:
-                seed_scores[dim][i, :, n] = torch.einsum("qtk,tk->q", fold_sketch(q_sketch, dim),
-                                                         fold_sketch(sketch.float(), dim))
+                row_folded = fold_sketch(sketch.float(), dim)
+                seed_scores[dim][i, :, n] = torch.einsum("qtk,tk->q", q_folded[i][dim], row_folded)
         if n == 0:  # the benchmark's path must be the package's path
             reference = sketcher.sketch(example)
             assert torch.allclose(reference, row_sketches[0].float(), atol=2e-3), "sketch differs from the package"
