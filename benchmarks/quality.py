@@ -205,8 +205,8 @@ def evaluate_methods(scores: Scores, pixel_similarity: torch.Tensor, row_labels:
 def training_latents(pipe, dataset) -> torch.Tensor:
     """Latents of every row, after setting the VAE's ``scaling_factor`` so that they have unit variance.
 
-    The tiny VAE is random-initialised: its raw latents have a standard deviation near 0.02, and with its default
-    factor the UNet would learn to denoise towards a tiny scale that generation, starting from unit noise, never
+    The tiny VAE is random-initialised: with its default factor its latents have a standard deviation near 0.06,
+    and the UNet would learn to denoise towards a tiny scale that generation, starting from unit noise, never
     reaches. Stable Diffusion's 0.18215 was chosen the same way (1 / std of the latents of its training images)."""
     pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
                           for im in dataset["image"]])
