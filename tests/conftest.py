@@ -5,9 +5,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 pytest_plugins = ["hub_server"]  # the local_hub fixture: a fake Hub on 127.0.0.1
-import torch  # noqa: E402
 
 # The models are tiny: one thread is faster than two, and far faster when another process holds a core.
 torch.set_num_threads(1)
