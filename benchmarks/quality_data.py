@@ -139,13 +139,14 @@ def make_t2i_dataset(num_rows: int, seed: int = 0):
     )
 
 
-def heldout_prompts(subset: str, count: int, training_captions: set[str], seed: int = 1) -> list[str]:
-    """``count`` captions of ``subset`` that are not in the training set (the subset's held-out test prompts)."""
+def heldout_prompts(subset: str, count: int, excluded: set[str], seed: int = 1) -> list[str]:
+    """``count`` captions of ``subset`` that are not in ``excluded`` (the training captions, and the prompts of
+    another query set), drawn with ``seed``."""
     rng = np.random.default_rng([seed, len(subset)])
     prompts: list[str] = []
     for _ in range(200 * count):
         _, caption = SUBSETS[subset][0](rng)
-        if caption not in training_captions and caption not in prompts:
+        if caption not in excluded and caption not in prompts:
             prompts.append(caption)
         if len(prompts) == count:
             return prompts
@@ -170,3 +171,41 @@ def digits_classifier():
 
     digits = load_digits()
     return LogisticRegression(max_iter=3000).fit(digits.data, digits.target)
+
+
+GENERIC_SHAPES = ("triangle", "diamond", "ring", "cross")
+GENERIC_BACKGROUNDS = {"gray": (128, 128, 128), "black": (20, 20, 25), "beige": (225, 210, 180), "teal": (40, 120, 120)}
+
+
+def _draw_generic_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, rgb) -> None:
+    if shape == "triangle":
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=rgb)
+    elif shape == "diamond":
+        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=rgb)
+    elif shape == "ring":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], outline=rgb, width=2)
+    else:
+        draw.line([(cx - r, cy), (cx + r, cy)], fill=rgb, width=2)
+        draw.line([(cx, cy - r), (cx, cy + r)], fill=rgb, width=2)
+
+
+def draw_generic(rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """The pre-training corpus: one or two free-floating primitives (triangle, diamond, ring, cross) on a plain
+    background. None of the fine-tuning subsets' motifs (petals, bricks, frames, hills, stripes) appears."""
+    background = str(rng.choice(list(GENERIC_BACKGROUNDS)))
+    image = Image.new("RGB", (SIZE, SIZE), GENERIC_BACKGROUNDS[background])
+    draw = ImageDraw.Draw(image)
+    parts = []
+    for _ in range(int(rng.integers(1, 3))):
+        shape = str(rng.choice(GENERIC_SHAPES))
+        name, rgb = _colour(rng)
+        _draw_generic_shape(draw, shape, rng.uniform(7, SIZE - 7), rng.uniform(7, SIZE - 7), rng.uniform(3, 7), rgb)
+        parts.append(f"a {name} {shape}")
+    return image, " and ".join(parts) + f" on a {background} background"
+
+
+def make_generic_dataset(num_rows: int, seed: int = 0) -> tuple[list[Image.Image], list[str]]:
+    """``num_rows`` images and captions of the generic pre-training corpus (:func:`draw_generic`)."""
+    rng = np.random.default_rng([seed, 7])
+    drawn = [draw_generic(rng) for _ in range(num_rows)]
+    return [_noisy(image, rng) for image, _ in drawn], [caption for _, caption in drawn]

@@ -30,7 +30,8 @@ from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.search import KnnIndex, exact_top_k, knn_vectors
 from dmin_diffusers.sketch import SketchProjector
-from dmin_diffusers.store import VectorStore, VectorStoreWriter, merge_manifests
+from dmin_diffusers.store import (VectorStore, VectorStoreWriter, check_file_digest, file_record,
+                                  merge_manifests)
 from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 
 from common import (add_common_arguments, best_time, markdown_table, peak_memory_bytes, plot_path, setup_threads,
@@ -156,17 +157,11 @@ def caching_models() -> list[tuple[str, object, str | None]]:
     ]
 
 
-def plain_step(sketcher: GradientSketcher, example, timestep: int) -> None:
-    """One ordinary training step's forward and backward on the same input (gradients into ``.grad``)."""
-    noised = sketcher.objective.noised(example.latents, sketcher.noise(example.latents), timestep)
-    prediction = sketcher.family.predict(noised.noisy, noised.model_timestep, example.conditioning)
-    F.mse_loss(prediction, noised.target).backward()
-
-
 def plain_steps(sketcher: GradientSketcher, example, tracked: list[torch.nn.Parameter]) -> None:
-    """One plain forward + backward per timestep of the config, then the gradients are dropped."""
-    for t in sketcher.config.timesteps:
-        plain_step(sketcher, example, t)
+    """One ordinary forward + backward per timestep of the config, of the same output and batch as DMin's
+    (gradients accumulated into ``.grad``), then the gradients are dropped."""
+    for position in range(len(sketcher.config.timesteps)):
+        sketcher.output(example, position).backward()
     for p in tracked:
         p.grad = None
 
@@ -311,6 +306,46 @@ def latency_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int, 
     return table, points
 
 
+def integrity_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int, workdir: Path) -> str:
+    """The cost of the integrity checks on the stores and HNSW files that ``latency_table`` wrote: opening a store,
+    the first exact query and the first HNSW query of a freshly opened index (when each shard's sha256 is checked
+    once and ``knn.bin``'s at load; every read row is checked for NaN / inf), and a later HNSW query, each with
+    the checks and without them (the behaviour before they existed)."""
+    oversample = 1 if knn_dim == dim else 4
+    rows = []
+    for n in sizes:
+        directory, knn_path = workdir / f"store-{n}", workdir / f"knn-{n}.bin"
+        query = synthetic_rows(1, num_timesteps, dim, torch.randn(1, num_timesteps, dim), seed=7)[0]
+        knn_record = file_record(knn_path)
+        timings = {}
+        for verify in (False, True):
+            start = time.perf_counter()
+            store = VectorStore(directory, verify=verify)
+            opened = time.perf_counter() - start
+            start = time.perf_counter()
+            exact_top_k(store, query, 10)
+            first_exact = time.perf_counter() - start
+            start = time.perf_counter()
+            store = VectorStore(directory, verify=verify)
+            if verify:
+                check_file_digest(knn_path, knn_record, knn_path.name)
+            knn = KnnIndex.load(knn_path, num_timesteps, knn_dim, n)
+            hnsw_top_k(knn, store, query, 10, oversample)
+            first_hnsw = time.perf_counter() - start
+            later_hnsw = best_time(partial(hnsw_top_k, knn, store, query, 10, oversample), 5)
+            timings[verify] = (opened, first_exact, first_hnsw, later_hnsw)
+        cells = [f"{n:,}"]
+        for phase in range(4):
+            before, after = timings[False][phase], timings[True][phase]
+            cells += [f"{1e3 * before:.1f} / {1e3 * after:.1f}", f"{after / before:.2f}x"]
+        rows.append(cells)
+    phases = ["open store", "first exact query", "first HNSW query (load knn.bin)", "later HNSW query"]
+    headers = ["N rows"] + [h for phase in phases for h in (f"{phase}: ms without / with checks", "ratio")]
+    return ("Same stores and HNSW files as the latency table (float16 rows of T x K values in shards of 8,192 rows). "
+            "Opening an `AttributionIndex` also hashes its two small JSON files (config and dataset reference).\n\n"
+            + markdown_table(headers, rows))
+
+
 def plot_latency(points: list[tuple[int, float, float]], path: Path) -> None:
     import matplotlib
 
@@ -346,7 +381,9 @@ def main() -> None:
     sizes = [1000, 10000] if quick else [1000, 10000, 100000]
     with tempfile.TemporaryDirectory(prefix="dmin-speed-") as workdir:
         table, points = latency_table(sizes, 10, 256, 64, 10 if quick else 20, Path(workdir))
+        integrity = integrity_table(sizes, 10, 256, 64, Path(workdir))
     sections.append(("Query latency", table))
+    sections.append(("Integrity checks: cost on open and on the first query", integrity))
     plot = plot_path("query_latency", quick, args.results_dir)
     plot_latency(points, plot)
     sections.append(("Plot", f"![query latency]({plot.name}) written to `{plot}`"))

@@ -7,14 +7,17 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from dmin_diffusers.caching import cache_dataset
-from dmin_diffusers.config import DMinConfig
+from dmin_diffusers.caching import cache_dataset, require_dataset
+from dmin_diffusers.config import DMinConfig, require_config
 from dmin_diffusers.index import AttributionIndex
 from dmin_diffusers.mixin import enable_attribution
 from dmin_diffusers.training_data import dataset_reference, load_training_dataset, raw_rows
 
 logger = logging.getLogger(__name__)
 INDEX_SUBFOLDER = "dmin-index"
+#: DMinConfig fields a training script can set as ``args.dmin_<field>``
+RECIPE_ARGUMENTS = ("num_timesteps", "projection_dim", "seed", "output_function", "timestep_spacing", "noise",
+                    "noise_draws")
 
 
 class GradientCacheCallback:
@@ -37,7 +40,7 @@ class GradientCacheCallback:
         dataset_args: dict[str, Any] | None = None,
     ):
         self.output_dir = output_dir
-        self.config = config or DMinConfig()
+        self.config = require_config(config)
         self.image_column, self.caption_column = image_column, caption_column
         self.dataset_args = dataset_args or {}
 
@@ -46,18 +49,18 @@ class GradientCacheCallback:
         """Reads a diffusers training script's argparse namespace.
 
         Uses ``resolution``, ``image_column``, ``caption_column``, the dataset arguments and ``seed``; the index
-        goes to ``<output_dir>/dmin-index``. Optional ``dmin_num_timesteps``, ``dmin_projection_dim`` and
-        ``dmin_seed`` attributes (or keyword overrides of the constructor) change the DMin settings. Caching
+        goes to ``<output_dir>/dmin-index``. Optional ``dmin_<field>`` attributes for the fields of
+        ``RECIPE_ARGUMENTS`` (``dmin_num_timesteps``, ``dmin_output_function``, ...; or keyword overrides of the
+        constructor) change the DMin settings; the others keep :class:`DMinConfig`'s defaults. Caching
         always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say: attribution must be
         deterministic.
         """
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         if not get("center_crop", True) or get("random_flip", False):
             logger.info("DMin caching uses a center crop and no flip (deterministic), unlike the random training augmentations")
+        chosen = {name: get(f"dmin_{name}") for name in RECIPE_ARGUMENTS if get(f"dmin_{name}") is not None}
         config = DMinConfig(
-            num_timesteps=get("dmin_num_timesteps") or 10,
-            projection_dim=get("dmin_projection_dim") or 4096,
-            seed=get("dmin_seed") or 0,
+            **chosen,
             resolution=get("resolution"),
             max_sequence_length=get("max_sequence_length"),
             base_model=get("pretrained_model_name_or_path"),
@@ -90,6 +93,7 @@ class GradientCacheCallback:
         pipeline = enable_attribution(pipeline)
         if dataset is None:
             dataset = load_training_dataset(**self.dataset_args)
+        require_dataset(dataset)  # a DatasetDict or a DataLoader is refused here, before raw_rows touches it
         index = cache_dataset(
             pipeline,
             raw_rows(dataset),

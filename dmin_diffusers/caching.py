@@ -2,31 +2,59 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from .config import DMinConfig
+from .config import DMinConfig, require_config
 from .families import detect_family
 from .gradients import GradientSketcher, resolve_config
-from .index import AttributionIndex, describe_dataset, prepare_index_directory
+from .index import AttributionIndex, check_not_foreign, describe_dataset, prepare_index_directory
+from .locks import index_write_lock
 from .store import VectorStoreWriter, merge_manifests
 
 logger = logging.getLogger(__name__)
 DEFAULT_CAPTION_COLUMN = "text"
 
 
+def require_dataset(dataset: Any) -> None:
+    """Refuses anything but a ``datasets.Dataset`` (``TypeError``), saying what to pass instead of the usual
+    near misses: a ``DatasetDict``, a streaming ``IterableDataset`` or a torch ``DataLoader``."""
+    import datasets
+    import torch.utils.data
+
+    if isinstance(dataset, datasets.Dataset):
+        return
+    expected = "dataset must be a datasets.Dataset (rows are addressed by position)"
+    if isinstance(dataset, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        raise TypeError(
+            f"{expected}, got a {type(dataset).__name__} of the splits {list(dataset)}: pass the split, "
+            "e.g. dataset['train']"
+        )
+    if isinstance(dataset, datasets.IterableDataset):
+        raise TypeError(f"{expected}, got a streaming IterableDataset: load the dataset without streaming=True")
+    if isinstance(dataset, torch.utils.data.DataLoader):
+        raise TypeError(
+            f"{expected}, got a torch {type(dataset).__name__}: pass its dataset, a datasets.Dataset "
+            "(e.g. train_dataloader.dataset)"
+        )
+    raise TypeError(f"{expected}, got {type(dataset).__name__}")
+
+
 def check_dataset(dataset: Any, image_column: str, caption_column: str | None, takes_prompt: bool) -> str | None:
-    """Validates the dataset and returns the caption column to use (``None`` for unconditional models)."""
+    """Validates the dataset and returns the caption column to use (``None`` for unconditional models).
+
+    Besides the type and the column names, checks the columns' feature types (captions must be strings) and that
+    no row lacks its image or caption, so that a bad dataset is refused before anything is computed or written.
+    """
     import datasets
 
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"dataset must be a datasets.Dataset (rows are addressed by position), got {type(dataset).__name__}"
-        )
+    require_dataset(dataset)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     caption_column = (caption_column or DEFAULT_CAPTION_COLUMN) if takes_prompt else None
@@ -35,7 +63,44 @@ def check_dataset(dataset: Any, image_column: str, caption_column: str | None, t
             raise ValueError(
                 f"{role} {column!r} is not a column of the dataset; its columns are {dataset.column_names}"
             )
+    strings = ("string", "large_string")
+    image_feature = dataset.features[image_column]
+    if isinstance(image_feature, datasets.Value) and image_feature.dtype in strings:
+        raise TypeError(
+            f"image_column {image_column!r} holds strings (file paths?), not images: decode them with "
+            f"dataset.cast_column({image_column!r}, datasets.Image())"
+        )
+    if caption_column is not None:
+        feature = dataset.features[caption_column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in strings):
+            raise TypeError(
+                f"caption_column {caption_column!r} must hold strings (datasets.Value('string')), but its feature is "
+                f"{feature}: pass the column of captions with caption_column=..."
+            )
+    for column, what in ((image_column, "image"), (caption_column, "caption")):
+        if column is not None:
+            missing, first = _missing_values(dataset, column)
+            if missing:
+                raise ValueError(
+                    f"row {first} of the dataset has no {what} (None in column {column!r}"
+                    + (f", and {missing - 1} more rows" if missing > 1 else "")
+                    + f"): give every row one, or drop those rows with "
+                    f"dataset.filter(lambda row: row[{column!r}] is not None)"
+                )
     return caption_column
+
+
+def _missing_values(dataset: Any, column: str, batch_size: int = 65536) -> tuple[int, int | None]:
+    """How many rows have ``None`` in ``column``, and the position of the first (read as Arrow, not decoded)."""
+    view = dataset.select_columns([column]).with_format("arrow")
+    missing, first = 0, None
+    for start in range(0, len(view), batch_size):
+        values = view[start : start + batch_size].column(0)
+        if values.null_count:
+            if first is None:
+                first = start + values.is_null().to_pylist().index(True)
+            missing += values.null_count
+    return missing, first
 
 
 def cache_dataset(
@@ -54,55 +119,59 @@ def cache_dataset(
     Rows already in ``output_dir`` (from an interrupted run with the same settings) are skipped. With an
     ``accelerate.Accelerator`` (or ``PartialState``) of N processes, each process caches a contiguous slice of
     the remaining rows into its own shards, and the main process merges them and builds the HNSW index once.
-    Every process returns the finished index.
+    Every process returns the finished index. The main process holds the directory's write lock
+    (:func:`~dmin_diffusers.locks.index_write_lock`) throughout, so another build or save there is refused.
     """
+    config = require_config(config)
     family = detect_family(pipeline)
     caption_column = check_dataset(dataset, image_column, caption_column, family.takes_prompt)
     config = resolve_config(config or DMinConfig(), family)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
-    if is_main:
-        prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
-                                                                     dataset_reference))
-    _wait(accelerator)
-    if not is_main:  # the main process has checked the directory; the others only need it to match
-        prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
-                                                                     dataset_reference))
-    sketcher = GradientSketcher(family, config)
-    writer = VectorStoreWriter(
-        output_dir, config.row_dim, config.storage_dtype, config.shard_size, name=f"part-{rank:03d}-of-{world:03d}"
-    )
-    remaining = [row for row in range(len(dataset)) if row not in writer.done]
-    share = -(-len(remaining) // world)
-    mine = remaining[rank * share : (rank + 1) * share]
-    rows = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
-    bar = tqdm(
-        total=len(dataset), initial=len(dataset) - len(remaining), disable=not (progress and is_main),
-        unit="row", desc="Caching DMin gradients", smoothing=0.1,
-    )
-    start = time.perf_counter()
-    try:
-        for row_id in mine:
-            row = rows[row_id]
-            example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
-            writer.add(row_id, sketcher.sketch(example))
-            bar.update(world)  # the other processes advance at about the same pace
-    finally:
-        writer.flush()  # keep every finished row, even when a row fails
-        bar.close()
-    _wait(accelerator)
-    if is_main:
-        merge_manifests(output_dir)
-        index = AttributionIndex(output_dir, dataset=dataset)
-        index.build_knn()
-        seconds = time.perf_counter() - start
-        message = (
-            f"DMin cache: {index.num_rows} rows in {output_dir} ({len(remaining)} computed in {seconds:.1f} s "
-            f"by {world} process{'es' if world > 1 else ''}, {index.nbytes / 1e6:.2f} MB on disk)"
+    with contextlib.ExitStack() as held:
+        if is_main:  # one build at a time in a directory: a second one is refused, never interleaved
+            check_not_foreign(Path(output_dir))
+            held.enter_context(index_write_lock(output_dir))
+            prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
+                                                                         dataset_reference))
+        _wait(accelerator)
+        if not is_main:  # the main process has checked the directory; the others only need it to match
+            prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
+                                                                         dataset_reference))
+        sketcher = GradientSketcher(family, config)
+        writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size,
+                                   name=f"part-{rank:03d}-of-{world:03d}")
+        remaining = [row for row in range(len(dataset)) if row not in writer.done]
+        share = -(-len(remaining) // world)
+        mine = remaining[rank * share : (rank + 1) * share]
+        rows = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
+        bar = tqdm(
+            total=len(dataset), initial=len(dataset) - len(remaining), disable=not (progress and is_main),
+            unit="row", desc="Caching DMin gradients", smoothing=0.1,
         )
-        logger.info(message)
-        if progress:
-            print(message)
+        start = time.perf_counter()
+        try:
+            for row_id in mine:
+                row = rows[row_id]
+                example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
+                writer.add(row_id, sketcher.sketch(example))
+                bar.update(world)  # the other processes advance at about the same pace
+        finally:
+            writer.flush()  # keep every finished row, even when a row fails
+            bar.close()
+        _wait(accelerator)
+        if is_main:
+            merge_manifests(output_dir)
+            index = AttributionIndex(output_dir, dataset=dataset)
+            index.build_knn()
+            seconds = time.perf_counter() - start
+            message = (
+                f"DMin cache: {index.num_rows} rows in {output_dir} ({len(remaining)} computed in {seconds:.1f} s by "
+                f"{world} process{'es' if world > 1 else ''}, {index.nbytes / 1e6:.2f} MB on disk)"
+            )
+            logger.info(message)
+            if progress:
+                print(message)
     _wait(accelerator)
     return AttributionIndex(output_dir, dataset=dataset)
 

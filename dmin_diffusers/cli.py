@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
 
 import torch
 from huggingface_hub.errors import HfHubHTTPError
+
+from .config import NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -51,13 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--max_train_samples", type=int, default=None)
     cache.add_argument("--seed", type=int, default=None, help="the training seed (selects max_train_samples rows)")
     cache.add_argument("--output_dir", required=True, help="directory of the attribution index")
-    cache.add_argument("--num_timesteps", type=int, default=10)
-    cache.add_argument("--projection_dim", type=int, default=4096)
+    # DMin settings: None leaves DMinConfig's default, so the defaults live in one place
+    cache.add_argument("--num_timesteps", type=int, default=None)
+    cache.add_argument("--projection_dim", type=int, default=None)
     cache.add_argument("--knn_dim", type=int, default=None)
-    cache.add_argument("--dmin_seed", type=int, default=0, help="seed of the fixed noise and the compressor")
-    cache.add_argument("--storage_dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    cache.add_argument("--dmin_seed", type=int, default=None, help="seed of the fixed noise and the compressor")
+    cache.add_argument("--storage_dtype", default=None, choices=list(STORAGE_DTYPES))
     cache.add_argument("--tracked_parameters", nargs="*", default=None, help="fnmatch patterns of parameter names")
-    cache.add_argument("--shard_size", type=int, default=1024)
+    cache.add_argument("--shard_size", type=int, default=None)
+    cache.add_argument("--output_function", default=None, choices=list(OUTPUT_FUNCTIONS),
+                       help="what the gradient is taken of (DMinConfig.output_function)")
+    cache.add_argument("--timestep_spacing", default=None, choices=list(TIMESTEP_SPACINGS))
+    cache.add_argument("--noise", default=None, choices=list(NOISE_MODES))
+    cache.add_argument("--noise_draws", type=int, default=None)
+    cache.add_argument("--paper_recipe", action="store_true",
+                       help="the DMin paper's exact recipe (DMinConfig.paper()) instead of the measured default")
 
     attribute = commands.add_parser("attribute", help="the most influential training rows of an image")
     _add_pipeline_arguments(attribute)
@@ -76,6 +88,37 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--revision", default=None)
     push.add_argument("--repo_type", default="dataset")
     return parser
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _could_be_hub_id(value: str) -> bool:
+    """Whether ``value`` has the form of a Hub repository id, ``namespace/name`` (and not of a weights file)."""
+    parts = value.split("/")
+    return (
+        len(parts) == 2 and all(re.fullmatch(r"[\w.-]+", part) and part not in (".", "..") for part in parts)
+        and not value.lower().endswith(_WEIGHT_SUFFIXES)
+    )
+
+
+def check_local_paths(args: argparse.Namespace) -> None:
+    """Refuses (``FileNotFoundError``) a path argument that names nothing on disk, before anything is loaded:
+    ``--pretrained_model_name_or_path`` and ``--lora_weights`` unless they have the form of a Hub id
+    (``user/name``), ``--image``, and the data directory the dataset will be read from."""
+    paths = [("--pretrained_model_name_or_path", args.pretrained_model_name_or_path, True),
+             ("--lora_weights", args.lora_weights, True), ("--image", getattr(args, "image", None), False)]
+    if not getattr(args, "dataset_name", None):  # with --dataset_name, --train_data_dir is a folder of that dataset
+        data_dir = ("--train_data_dir", getattr(args, "train_data_dir", None))
+        if not data_dir[1]:
+            data_dir = ("--instance_data_dir", getattr(args, "instance_data_dir", None))
+        paths.append((*data_dir, False))
+    for option, value, hub_id_allowed in paths:
+        if value is None or os.path.exists(value) or (hub_id_allowed and _could_be_hub_id(value)):
+            continue
+        kind = "neither a local file or directory nor a Hub repository id 'user/name'" if hub_id_allowed else (
+            "no such file or directory")
+        raise FileNotFoundError(f"{option} {value!r} does not exist ({kind}); check the path")
 
 
 def load_pipeline(args: argparse.Namespace):
@@ -102,6 +145,19 @@ def run_cache(args: argparse.Namespace) -> None:
     from .config import DMinConfig
     from .training_data import dataset_reference, load_training_dataset
 
+    check_local_paths(args)
+    # the settings are checked before the dataset and the pipeline are loaded
+    settings = {
+        "num_timesteps": args.num_timesteps, "projection_dim": args.projection_dim, "seed": args.dmin_seed,
+        "knn_dim": args.knn_dim, "storage_dtype": args.storage_dtype, "tracked_parameters": args.tracked_parameters,
+        "shard_size": args.shard_size, "output_function": args.output_function,
+        "timestep_spacing": args.timestep_spacing, "noise": args.noise, "noise_draws": args.noise_draws,
+    }
+    settings = {key: value for key, value in settings.items() if value is not None}
+    config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(
+        resolution=args.resolution, base_model=args.pretrained_model_name_or_path, adapter=args.lora_weights,
+        **settings,
+    )
     # Without cpu=True, accelerate treats several processes on a machine without CUDA as one.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     dataset_args = {
@@ -117,12 +173,6 @@ def run_cache(args: argparse.Namespace) -> None:
     if args.device is None and state.device.type != "cpu":
         args.device = str(state.device)
     pipeline = load_pipeline(args)
-    config = DMinConfig(
-        num_timesteps=args.num_timesteps, projection_dim=args.projection_dim, seed=args.dmin_seed,
-        resolution=args.resolution, knn_dim=args.knn_dim, storage_dtype=args.storage_dtype,
-        tracked_parameters=args.tracked_parameters, shard_size=args.shard_size,
-        base_model=args.pretrained_model_name_or_path, adapter=args.lora_weights,
-    )
     cache_dataset(
         pipeline, dataset, args.output_dir, config, args.image_column, args.caption_column, accelerator=state,
         dataset_reference=reference,
@@ -132,6 +182,7 @@ def run_cache(args: argparse.Namespace) -> None:
 def run_attribute(args: argparse.Namespace) -> None:
     import PIL.Image
 
+    check_local_paths(args)
     pipeline = load_pipeline(args)
     pipeline.load_attribution_index(args.index, strict=not args.no_strict)
     result = pipeline.attribute(PIL.Image.open(args.image), args.prompt, top_k=args.top_k, exact=args.exact)
@@ -153,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         {"cache": run_cache, "attribute": run_attribute, "push": run_push}[args.command](args)
-    except (ValueError, TypeError, FileNotFoundError, HfHubHTTPError) as error:
+    except (ValueError, TypeError, OSError, HfHubHTTPError) as error:  # OSError: a missing file or model
         print(f"dmin {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -4,34 +4,95 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 OBJECTIVES = ("epsilon", "v_prediction", "sample", "flow_matching")
+#: what the gradient is taken of: the training loss (the paper) or one of D-TRAK's functions of the model output
+OUTPUT_FUNCTIONS = ("loss", "squared_norm", "mean")
+#: where the ``T`` timesteps sit when they are not given explicitly
+TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
+#: one noise tensor for every timestep (the paper), or one of its own per timestep
+NOISE_MODES = ("shared", "per_timestep")
 CONFIG_NAME = "dmin_config.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the paper's recipe; also what an index written before these fields existed (format 1) was built with
+PAPER_RECIPE = {"output_function": "loss", "timestep_spacing": "centres", "noise": "shared", "noise_draws": 1}
+
+
+#: seeds are 64-bit signed integers (torch's and numpy's generators take them)
+MAX_SEED = 2**63 - 1
+#: bounds of the HNSW graph parameters: hnswlib crashes with ``M`` < 2 and allocates ``2 * M`` links per row,
+#: and an ``ef_construction`` beyond 100,000 only slows the build down
+HNSW_M_RANGE = (2, 1024)
+HNSW_EF_CONSTRUCTION_RANGE = (1, 100_000)
 
 
 def _is_power_of_two(value: int) -> bool:
     return value >= 1 and not value & (value - 1)
 
 
+def check_integer(
+    name: str, value: Any, low: int | None = None, high: int | None = None, type_error: type[Exception] = TypeError
+) -> int:
+    """``value`` as a plain ``int`` when it is an integer (Python, numpy or anything with ``__index__``, but not a
+    bool) in ``[low, high]``; otherwise ``type_error`` (wrong type) or ``ValueError`` (out of range) naming ``name``."""
+    if isinstance(value, (bool, np.bool_)):
+        raise type_error(f"{name} must be an integer, got the bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise type_error(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
+    if (low is not None and number < low) or (high is not None and number > high):
+        bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {number}")
+    return number
+
+
+def require_config(config: Any) -> "DMinConfig":
+    """``config`` itself, or the default :class:`DMinConfig` for ``None``; anything else (a dict, a path, ...) is
+    refused with a ``TypeError``. Shared by every entry point that takes a config."""
+    if config is None:
+        return DMinConfig()
+    if not isinstance(config, DMinConfig):
+        raise TypeError(
+            "config must be a DMinConfig (use DMinConfig(**values) or DMinConfig.from_dict), "
+            f"got {type(config).__name__}"
+        )
+    return config
+
+
 @dataclass
 class DMinConfig:
     """Settings of a DMin attribution index.
 
-    The user-facing fields have the paper's defaults. The fields after them are filled in from the pipeline
+    The user-facing fields default to the recipe measured best by ``benchmarks/quality.py`` (see
+    :meth:`paper` for the paper's exact recipe). The fields after them are filled in from the pipeline
     by :func:`dmin_diffusers.gradients.resolve_config` when an index is built, so that a saved config records every choice the vectors depend
     on and a query can be computed in exactly the same way later.
 
     Args:
         num_timesteps: ``T``, how many training timesteps each gradient is taken at.
         projection_dim: ``K``, the compressed size per timestep (a power of two).
-        seed: seeds the fixed noise tensor and the compressor's permutation and signs.
+        seed: seeds the fixed noise tensor and the compressor's permutation and signs (``0 <= seed <= 2**63 - 1``).
         timesteps: explicit training-schedule timesteps in ``[0, num_train_timesteps)``; by default ``T``
-            values spread evenly over the whole schedule (the noise level grows with the timestep).
+            values placed by ``timestep_spacing`` (the noise level grows with the timestep).
+        output_function: the function of the denoiser's output whose gradient is taken, for training rows and
+            queries alike: ``"loss"``, the training loss against the fixed noise's target (the paper);
+            ``"squared_norm"``, the squared L2 norm of the output (D-TRAK's best, Zheng et al. 2024); ``"mean"``,
+            the mean of the output. The last two do not use the target, so they are the same for every objective.
+        timestep_spacing: ``"centres"`` of ``T`` equal slices of the schedule (the paper), ``"linspace"``
+            (evenly spaced from 0 to the last training step, both included) or ``"cubic"`` (the official DMin
+            code's ``(N - 1)(1 - (i / T)^3)`` for ``i = 1..T``, packed at high noise).
+        noise: ``"shared"``: one fixed noise tensor for every timestep (the paper); ``"per_timestep"``: a fixed
+            tensor of its own for each timestep (same cost).
+        noise_draws: fixed noise draws per timestep; with more than one, the output function is averaged over
+            the draws (one batched forward and backward, so the cost grows less than linearly).
         tracked_parameters: ``fnmatch`` patterns of denoiser parameter names to take gradients of; by default
             the LoRA parameters when the denoiser has adapters, else all its trainable parameters.
         resolution: training image size; by default the denoiser's native size.
@@ -40,7 +101,8 @@ class DMinConfig:
         storage_dtype: dtype of the stored vectors.
         knn_dim: per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; smaller values
             shrink the in-memory index and are re-ranked exactly on the stored ``K``-dimensional rows.
-        hnsw_m, hnsw_ef_construction: HNSW graph parameters.
+        hnsw_m, hnsw_ef_construction: HNSW graph parameters, ``2 <= hnsw_m <= 1024`` and
+            ``1 <= hnsw_ef_construction <= 100000`` (``HNSW_M_RANGE``, ``HNSW_EF_CONSTRUCTION_RANGE``).
         shard_size: rows per file on disk.
         base_model: Hub id of the base pipeline, shown on the dataset card (by default the pipeline's
             ``name_or_path`` when that is a Hub id, not a local directory).
@@ -49,7 +111,8 @@ class DMinConfig:
     The fields resolved from the pipeline record, besides the settings above, what ties the vectors to one
     pipeline: the tracked parameters' names and shapes (``parameters``), a digest of each one's values
     (``parameter_digests``) and of all of them together (``parameter_fingerprint``), a cheap fingerprint of the
-    rest of the denoiser (``denoiser_fingerprint``: its architecture and a sample of its base weights) and of the
+    rest of the denoiser (``denoiser_fingerprint``: its architecture and a sample of its base weights), of the models
+    that encode images and prompts (``input_models_fingerprint``: the VAE, text encoders and tokenizers) and of the
     training objective (``objective_fingerprint``: the noisy input and target it produces at each timestep).
     ``base_model``, ``adapter`` and ``denoiser_dtype`` only describe the index and are never compared.
     """
@@ -58,6 +121,10 @@ class DMinConfig:
     projection_dim: int = 4096
     seed: int = 0
     timesteps: list[int] | None = None
+    output_function: str = "loss"
+    timestep_spacing: str = "centres"
+    noise: str = "shared"
+    noise_draws: int = 1
     tracked_parameters: list[str] | None = None
     resolution: int | None = None
     center_crop: bool = True
@@ -77,21 +144,47 @@ class DMinConfig:
     parameter_fingerprint: str | None = None
     parameter_digests: list[str] | None = field(default=None, repr=False)
     denoiser_fingerprint: str | None = None
+    input_models_fingerprint: str | None = None
     objective_fingerprint: str | None = None
     denoiser_dtype: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if self.num_timesteps < 1:
-            raise ValueError(f"num_timesteps must be at least 1, got {self.num_timesteps}")
+        """Checks every field (``ValueError`` naming it, for a wrong type too) and stores integers as plain ``int``."""
+        integers = {  # field: (low, high, may be None)
+            "num_timesteps": (1, None, False), "projection_dim": (1, None, False), "seed": (0, MAX_SEED, False),
+            "noise_draws": (1, None, False), "resolution": (1, None, True), "max_sequence_length": (1, None, True),
+            "knn_dim": (1, None, True), "hnsw_m": (*HNSW_M_RANGE, False),
+            "hnsw_ef_construction": (*HNSW_EF_CONSTRUCTION_RANGE, False), "shard_size": (1, None, False),
+            "num_train_timesteps": (1, None, True), "format_version": (1, None, False),
+        }
+        for name, (low, high, optional) in integers.items():
+            value = getattr(self, name)
+            if not (optional and value is None):
+                setattr(self, name, check_integer(name, value, low, high, type_error=ValueError))
+        if not isinstance(self.center_crop, (bool, np.bool_)):
+            raise ValueError(f"center_crop must be True or False, got {self.center_crop!r}")
+        self.center_crop = bool(self.center_crop)
+        for name in ("base_model", "adapter"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         if not _is_power_of_two(self.projection_dim):
             raise ValueError(f"projection_dim must be a power of two, got {self.projection_dim}")
         if self.timesteps is not None:
-            self.timesteps = [int(t) for t in self.timesteps]
+            if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
+                raise ValueError(f"timesteps must be a list of integers, got {self.timesteps!r}")
+            # integral floats (5.0) are refused too: a float timestep is a mistake, never rounded silently
+            self.timesteps = [
+                check_integer(f"timesteps[{i}]", t, 0, type_error=ValueError) for i, t in enumerate(self.timesteps)
+            ]
             if len(self.timesteps) != self.num_timesteps:
                 raise ValueError(
                     f"timesteps has {len(self.timesteps)} values but num_timesteps is {self.num_timesteps}"
                 )
+        for name, allowed in (("output_function", OUTPUT_FUNCTIONS), ("timestep_spacing", TIMESTEP_SPACINGS),
+                              ("noise", NOISE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
             raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
         if self.knn_dim is not None and (
@@ -105,6 +198,22 @@ class DMinConfig:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if isinstance(self.tracked_parameters, str):
             self.tracked_parameters = [self.tracked_parameters]
+        if self.tracked_parameters is not None and (
+            not isinstance(self.tracked_parameters, (list, tuple))
+            or not all(isinstance(pattern, str) for pattern in self.tracked_parameters)
+        ):
+            raise ValueError(
+                f"tracked_parameters must be a list of fnmatch patterns (strings), got {self.tracked_parameters!r}"
+            )
+        if self.tracked_parameters is not None:
+            self.tracked_parameters = list(self.tracked_parameters)
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "DMinConfig":
+        """The DMin paper's exact recipe: gradients of the training loss, ``T`` timesteps at the centres of
+        equal slices of the schedule, and one noise tensor shared by every timestep and row. ``overrides`` set
+        any other field (e.g. ``projection_dim``)."""
+        return cls(**{**PAPER_RECIPE, **overrides})
 
     @property
     def row_dim(self) -> int:
@@ -122,7 +231,8 @@ class DMinConfig:
         """A copy without the fields that :func:`resolve_config` derives from a pipeline."""
         return self.replace(
             family=None, objective=None, num_train_timesteps=None, parameters=None, parameter_fingerprint=None,
-            parameter_digests=None, denoiser_fingerprint=None, objective_fingerprint=None, denoiser_dtype=None,
+            parameter_digests=None, denoiser_fingerprint=None, input_models_fingerprint=None, objective_fingerprint=None,
+            denoiser_dtype=None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,6 +244,8 @@ class DMinConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown DMinConfig fields {unknown}; was this index written by a newer version?")
+        if values.get("format_version", 1) < 2:  # written before the recipe fields: built with the paper's recipe
+            values = {**PAPER_RECIPE, **values}
         return cls(**values)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -177,6 +289,11 @@ class DMinConfig:
                         "denoiser: its architecture or base weights (outside the tracked parameters) differ from "
                         "those the index was built with"
                     )
+            elif name == "input_models_fingerprint":
+                found.append(
+                    "input models: the VAE, text encoder(s) or tokenizer(s) that turn an image and a prompt into the "
+                    "denoiser's inputs differ from those the index was built with"
+                )
             elif name == "objective_fingerprint":
                 found.append(
                     "objective: the training noise schedule or prediction target (from the scheduler config) "
@@ -188,7 +305,10 @@ class DMinConfig:
 
 
 DESCRIPTIVE_FIELDS = ("base_model", "adapter", "denoiser_dtype")
-_FINGERPRINTS = ("parameter_fingerprint", "parameter_digests", "denoiser_fingerprint", "objective_fingerprint")
+_FINGERPRINTS = (
+    "parameter_fingerprint", "parameter_digests", "denoiser_fingerprint", "input_models_fingerprint",
+    "objective_fingerprint",
+)
 
 
 def describe_value_difference(expected: DMinConfig, actual: DMinConfig) -> str:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import DMinConfig
 from .families import SD3_DEFAULT_MAX_SEQUENCE_LENGTH, PipelineFamily
+from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fingerprint
 from .inputs import ImageInput, preprocess_image
 from .objectives import make_objective, spread_timesteps
 from .sketch import SketchProjector
@@ -69,11 +70,6 @@ def describe_parameters(parameters: NamedParameters) -> list[list]:
 _DIGEST_CHUNK = 1 << 24  # elements hashed at a time, so a large parameter is never copied whole
 
 
-def _float16_bytes(values: torch.Tensor) -> bytes:
-    """The values as float16 on the CPU (copied to the CPU first, then cast there), as little-endian bytes."""
-    return values.detach().to("cpu").to(torch.float16).contiguous().view(torch.int16).numpy().tobytes()
-
-
 def parameter_value_digest(parameter: torch.Tensor) -> str | None:
     """A digest of a parameter's values: sha256 (first 16 hex digits) of its shape and its values cast to
     float16 on the CPU.
@@ -87,7 +83,7 @@ def parameter_value_digest(parameter: torch.Tensor) -> str | None:
     digest = hashlib.sha256(json.dumps(list(parameter.shape)).encode())
     flat = parameter.detach().reshape(-1)
     for start in range(0, flat.numel(), _DIGEST_CHUNK):
-        digest.update(_float16_bytes(flat[start : start + _DIGEST_CHUNK]))
+        digest.update(float16_bytes(flat[start : start + _DIGEST_CHUNK]))
     return digest.hexdigest()[:16]
 
 
@@ -103,10 +99,6 @@ def parameter_fingerprint(description: list[list], digests: list[str] | None = N
     return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-_BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
-_DENOISER_SAMPLES = 16
-
-
 def denoiser_fingerprint(denoiser: torch.nn.Module, tracked: NamedParameters) -> str | None:
     """A cheap fingerprint of the denoiser outside the tracked parameters and the LoRA adapters: every other
     parameter's name and shape, and 16 of its values (evenly spaced, cast to float16 on the CPU as in
@@ -115,18 +107,8 @@ def denoiser_fingerprint(denoiser: torch.nn.Module, tracked: NamedParameters) ->
     denoiser with and without an adapter has the same base fingerprint. ``None`` if a weight is on ``meta``."""
     tracked_ids = {id(p) for _, p in tracked}
     digest = hashlib.sha256()
-    for name, parameter in denoiser.named_parameters():
-        if id(parameter) in tracked_ids or ".lora_" in name:
-            continue
-        if parameter.device.type == "meta":
-            return None
-        flat = parameter.detach().reshape(-1)
-        count = min(_DENOISER_SAMPLES, flat.numel())
-        positions = [i * (flat.numel() - 1) // max(count - 1, 1) for i in range(count)]
-        sample = flat[torch.tensor(positions, dtype=torch.long, device=flat.device)]
-        digest.update(json.dumps([_BASE_LAYER.sub("", name), list(parameter.shape)]).encode())
-        digest.update(_float16_bytes(sample))
-    return digest.hexdigest()[:16]
+    others = ((name, p) for name, p in denoiser.named_parameters() if id(p) not in tracked_ids and ".lora_" not in name)
+    return digest.hexdigest()[:16] if add_sampled_parameters(digest, others) else None
 
 
 def objective_fingerprint(objective, timesteps: list[int]) -> str:
@@ -173,7 +155,7 @@ class GradientSketcher:
         self.projector = SketchProjector(
             [p.numel() for _, p in self.parameters], config.projection_dim, config.seed, code_cache_bytes
         )
-        self._noise: torch.Tensor | None = None
+        self._noise: list[torch.Tensor] = []
         self._accumulator: torch.Tensor | None = None
         self._squared_norm: torch.Tensor | None = None
 
@@ -188,20 +170,33 @@ class GradientSketcher:
         )
         return PreparedExample(latents=latents, conditioning=conditioning)
 
-    def noise(self, latents: torch.Tensor) -> torch.Tensor:
-        """The one fixed noise tensor, drawn on the CPU from the seed so every device gets the same values."""
-        if self._noise is None or self._noise.shape != latents.shape:
+    def noise(self, latents: torch.Tensor, position: int = 0) -> torch.Tensor:
+        """The fixed noise of the ``position``-th timestep of the config: ``noise_draws`` tensors shaped like one
+        latent, drawn on the CPU from the seed so every device gets the same values. With ``noise="shared"``
+        every position gets the first draw; with ``"per_timestep"`` position ``i`` gets the ``i``-th draw of
+        the same generator (so position 0 is the shared tensor)."""
+        shape = (self.config.noise_draws, *latents.shape[1:])
+        if not self._noise or self._noise[0].shape != shape:
             generator = torch.Generator("cpu").manual_seed(self.config.seed)
-            self._noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        return self._noise.to(latents.device)
+            count = len(self.config.timesteps) if self.config.noise == "per_timestep" else 1
+            self._noise = [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(count)]
+        return self._noise[position if self.config.noise == "per_timestep" else 0].to(latents.device)
 
-    def _loss(self, example: PreparedExample, timestep: int) -> torch.Tensor:
-        noised = self.objective.noised(example.latents, self.noise(example.latents), timestep)
+    def output(self, example: PreparedExample, position: int) -> torch.Tensor:
+        """The scalar whose gradient DMin takes at the ``position``-th timestep: the config's output function of
+        the denoiser's prediction for the example noised with the fixed noise, averaged over the noise draws."""
+        noise = self.noise(example.latents, position)
+        draws = noise.shape[0]
+        latents = example.latents.expand(draws, *example.latents.shape[1:])
+        conditioning = {key: value.expand(draws, *value.shape[1:]) for key, value in example.conditioning.items()}
+        noised = self.objective.noised(latents, noise, self.config.timesteps[position])
         denoiser_dtype = self.family.denoiser.dtype
-        prediction = self.family.predict(
-            noised.noisy.to(denoiser_dtype), noised.model_timestep, example.conditioning
-        )
-        return F.mse_loss(prediction.float(), noised.target.float())
+        prediction = self.family.predict(noised.noisy.to(denoiser_dtype), noised.model_timestep, conditioning).float()
+        if self.config.output_function == "squared_norm":
+            return prediction.square().sum() / draws
+        if self.config.output_function == "mean":
+            return prediction.mean()
+        return F.mse_loss(prediction, noised.target.float())
 
     @contextmanager
     def _tracking(self, streaming: bool) -> Iterator[None]:
@@ -247,10 +242,10 @@ class GradientSketcher:
         self._squared_norm = torch.zeros((), dtype=torch.float32, device=device)
         rows = []
         with self._tracking(streaming=True):
-            for timestep in self.config.timesteps:
+            for position in range(len(self.config.timesteps)):
                 self._accumulator.zero_()
                 self._squared_norm.zero_()
-                self._loss(example, timestep).backward()
+                self.output(example, position).backward()
                 sketch = self.projector.finalize(self._accumulator)
                 rows.append(sketch / self._squared_norm.sqrt().clamp_min(1e-30))
         return torch.stack(rows).cpu()
@@ -260,8 +255,8 @@ class GradientSketcher:
         tensors = [p for _, p in self.parameters]
         rows = []
         with self._tracking(streaming=False):
-            for timestep in self.config.timesteps:
-                grads = torch.autograd.grad(self._loss(example, timestep), tensors, allow_unused=True)
+            for position in range(len(self.config.timesteps)):
+                grads = torch.autograd.grad(self.output(example, position), tensors, allow_unused=True)
                 flat = torch.cat(
                     [(g if g is not None else torch.zeros_like(p)).reshape(-1).float() for g, p in zip(grads, tensors)]
                 )
@@ -275,7 +270,7 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
     already set are kept (and validated)."""
     objective = make_objective(family.pipeline.scheduler, config.objective)
     num_train = objective.num_train_timesteps
-    timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train)
+    timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train, config.timestep_spacing)
     bad = [t for t in timesteps if not 0 <= t < num_train]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the training schedule [0, {num_train})")
@@ -296,6 +291,7 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
         parameter_fingerprint=parameter_fingerprint(description, digests),
         parameter_digests=digests,
         denoiser_fingerprint=denoiser_fingerprint(family.denoiser, tracked),
+        input_models_fingerprint=input_models_fingerprint(family.pipeline),
         objective_fingerprint=objective_fingerprint(objective, timesteps),
         denoiser_dtype=str(family.denoiser.dtype).removeprefix("torch."),
         base_model=config.base_model or default_base_model(family.pipeline),

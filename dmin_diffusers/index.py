@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from huggingface_hub import CommitInfo
 
 from .config import CONFIG_NAME, DMinConfig
 from .dataset_rows import HubDatasetRows, infer_hub_reference
+from .fingerprints import dataset_digest
 from .hub import (
     DATASET_INFO_NAME,
     DEFAULT_MAX_COMMIT_BYTES,
@@ -29,12 +31,14 @@ from .hub import (
     upload_index,
 )
 from .knn_file import check_knn_file
+from .locks import LOCK_NAME, index_write_lock
 from .search import KnnIndex, exact_top_k
 from .store import (
     MANIFEST_NAME,
     SHARD_DIR,
     IndexIntegrityError,
     VectorStore,
+    check_file_digest,
     check_shard_layout,
     read_manifest,
     record_files,
@@ -44,6 +48,7 @@ from .store import (
 
 logger = logging.getLogger(__name__)
 CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, KNN_NAME)  # listed under "files" in the manifest
+METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME)  # small: their sha256 is checked every time an index is opened
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -60,15 +65,18 @@ class AttributionIndex:
     to copy it elsewhere and :meth:`push_to_hub` to publish it; a pipeline's ``build_attribution_index`` creates
     one and ``load_attribution_index`` attaches one.
 
-    Opening an index checks every file the manifest lists: that it exists and has the listed size, and with
-    ``verify=True`` its sha256 too. A missing ``knn.bin`` is allowed: exact search needs only the rows, and
+    Opening an index checks every file the manifest lists: that it exists and has the listed size, and the sha256
+    of the config and the dataset reference (everything the vectors and row ids depend on). Each vector shard's
+    sha256 is checked the first time a query reads it, and ``knn.bin``'s when it is loaded, so damage is reported
+    as an :class:`~dmin_diffusers.store.IndexIntegrityError` before a damaged row can be ranked; ``verify=True``
+    checks every file at once. A missing ``knn.bin`` is allowed: exact search needs only the rows, and
     :meth:`build_knn` rebuilds the HNSW index.
 
     Args:
         directory: where the index files live.
         dataset: the training ``datasets.Dataset``, optional; lets results return the training rows. Without it,
             rows come from the Hub dataset that ``dataset.json`` names, when there is one (:class:`HubDatasetRows`).
-        verify: also compare every file's sha256 with the manifest (reads every byte once).
+        verify: compare every file's sha256 with the manifest now (reads every byte once) instead of on first use.
         source: how to name the index in messages (a repository id and commit for Hub indices).
         read_only: never write into ``directory`` (a snapshot in the Hub cache); a rebuilt HNSW index then stays
             in memory until :meth:`save_pretrained`.
@@ -93,7 +101,7 @@ class AttributionIndex:
             raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
         self.manifest: dict | None = read_manifest(self.directory)
         if self.manifest is not None:
-            verify_files(self.directory, self.manifest, full=verify, optional=(KNN_NAME,))
+            verify_files(self.directory, self.manifest, full=True if verify else METADATA_FILES, optional=(KNN_NAME,))
         try:
             self.config = DMinConfig.from_dict(_read_json(config_path))
         except TypeError as error:
@@ -159,18 +167,33 @@ class AttributionIndex:
             names.append(KNN_NAME)
         return names
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Copies the index files (config, manifest, shards, HNSW file, dataset reference) to a directory; an
-        HNSW index rebuilt in memory is written there too, and the manifest lists the checksums of every file."""
+        HNSW index rebuilt in memory is written there too, and the manifest lists the checksums of every file.
+
+        A directory that already holds another index is refused unless ``overwrite=True`` (its index files are
+        then replaced); one that holds anything else is always refused. The directory's write lock is held while
+        writing, so a concurrent build or save there fails with a clear error instead of mixing files."""
         target = Path(save_directory)
-        if target.resolve() == self.directory.resolve():
+        if target.exists() and target.resolve() == self.directory.resolve():
             return
-        (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        for name in self.files():
-            shutil.copyfile(self.directory / name, target / name)
-        if not (self.directory / KNN_NAME).is_file() and self._knn is not None:
-            self._knn.save(target / KNN_NAME)
-        record_files(target, list(CHECKSUMMED_FILES))
+        check_not_foreign(target)
+        with index_write_lock(target):
+            existing = read_manifest(target) if (target / CONFIG_NAME).exists() else None
+            if (target / CONFIG_NAME).exists() and existing != self.manifest:
+                if not overwrite:
+                    raise FileExistsError(
+                        f"{target} already holds another attribution index; pass overwrite=True to replace it"
+                    )
+                for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, KNN_NAME):
+                    (target / name).unlink(missing_ok=True)
+                shutil.rmtree(target / SHARD_DIR, ignore_errors=True)
+            (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            for name in self.files():
+                shutil.copyfile(self.directory / name, target / name)
+            if not (self.directory / KNN_NAME).is_file() and self._knn is not None:
+                self._knn.save(target / KNN_NAME)
+            record_files(target, list(CHECKSUMMED_FILES))
 
     def record_checksums(self) -> None:
         """Lists the sha256 and size of the config, the dataset reference and the HNSW file in the manifest
@@ -232,11 +255,27 @@ class AttributionIndex:
                 "finish building it before publishing"
             )
 
-    def attach_dataset(self, dataset: Any) -> None:
-        """Sets the training dataset that row ids refer to, after checking it has the recorded size."""
+    def attach_dataset(self, dataset: Any, strict: bool = True) -> None:
+        """Sets the training dataset that row ids refer to, after checking it is the one the index was built on:
+        the recorded size, and the digest of a sample of its rows (:func:`dataset_digest`), so that another dataset
+        of the same size, or the same one reordered, is refused; ``strict=False`` only warns about the digest."""
         expected = self.dataset_info.get("num_rows")
         if expected is not None and len(dataset) != expected:
             raise ValueError(f"the index was built on {expected} rows, but the dataset given has {len(dataset)}")
+        recorded = self.dataset_info.get("content_digest")
+        if recorded is not None:
+            columns = [c for c in (self.dataset_info.get("image_column"), self.dataset_info.get("caption_column")) if c]
+            missing = [c for c in columns if c not in getattr(dataset, "column_names", columns)]
+            found = None if missing else dataset_digest(dataset, columns)
+            if found != recorded:
+                message = (
+                    f"the dataset given is not the one {self.source} was built on: "
+                    + (f"it has no column {missing}" if missing else "its rows differ (or are in another order)")
+                    + "; result rows would be the wrong images"
+                )
+                if strict:
+                    raise ValueError(message + " (pass strict=False to attach it anyway)")
+                warnings.warn(message, stacklevel=2)
         self.dataset = dataset
 
     @property
@@ -293,6 +332,9 @@ class AttributionIndex:
 
     def _load_knn(self, path: Path) -> KnnIndex:
         dim = self.config.num_timesteps * self.knn_dim
+        record = (self.manifest or {}).get("files", {}).get(KNN_NAME)
+        if record is not None:
+            check_file_digest(path, record, KNN_NAME)
         try:
             check_knn_file(path, dim, self.store.row_ids, self.config.hnsw_m, self.config.hnsw_ef_construction)
         except ValueError as error:
@@ -308,8 +350,9 @@ class AttributionIndex:
             self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m, self.config.hnsw_ef_construction
         )
         if not self.read_only:
-            self._knn.save(self.directory / KNN_NAME)
-            self.record_checksums()
+            with index_write_lock(self.directory):
+                self._knn.save(self.directory / KNN_NAME)
+                self.record_checksums()
         return self._knn
 
     def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
@@ -323,6 +366,11 @@ class AttributionIndex:
         query = query.reshape(-1).to(torch.float32)
         if query.numel() != self.config.row_dim:
             raise ValueError(f"the query has {query.numel()} values, the index rows {self.config.row_dim}")
+        if not bool(torch.isfinite(query).all()):
+            raise ValueError(
+                "the query's DMin vector holds NaN or infinite values (the image or prompt gave a non-finite "
+                "gradient); no ranking can be computed from it"
+            )
         if exact:
             return exact_top_k(self.store, query, top_k)
         oversample = 1 if self.knn_dim == self.config.projection_dim else 4
@@ -345,6 +393,7 @@ def describe_dataset(
         "image_column": image_column,
         "caption_column": caption_column,
         "fingerprint": getattr(dataset, "_fingerprint", None),
+        "content_digest": dataset_digest(dataset, [c for c in (image_column, caption_column) if c]),
         "name": getattr(info, "dataset_name", None),
         "config_name": getattr(info, "config_name", None),
         "revision": None,
@@ -357,6 +406,14 @@ def describe_dataset(
     described.update(inferred)
     described.update(given)
     return described
+
+
+def check_not_foreign(directory: Path) -> None:
+    """Refuses (``ValueError``) a directory that holds files but no attribution index."""
+    if (directory / CONFIG_NAME).exists() or not directory.exists():
+        return
+    if any(path.name != LOCK_NAME for path in directory.iterdir()):
+        raise ValueError(f"{directory} is not empty and is not an attribution index; refusing to write into it")
 
 
 def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, dataset_info: dict) -> None:
@@ -377,15 +434,16 @@ def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, da
             )
         info_path = directory / DATASET_INFO_NAME
         existing_info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        for key in ("num_rows", "image_column", "caption_column"):
+        for key in ("num_rows", "image_column", "caption_column", "content_digest"):
+            if key == "content_digest" and existing_info.get(key) is None:  # recorded since version 0.2
+                continue
             if existing_info.get(key) != dataset_info.get(key):
                 raise ValueError(
                     f"{directory} already holds an index of another dataset ({key}: "
                     f"{existing_info.get(key)!r} != {dataset_info.get(key)!r}); use another output directory"
                 )
         return
-    if directory.exists() and any(directory.iterdir()):
-        raise ValueError(f"{directory} is not empty and is not an attribution index; refusing to write into it")
+    check_not_foreign(directory)
     directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(directory / DATASET_INFO_NAME, dataset_info)
     write_json_atomic(config_path, config.to_dict())

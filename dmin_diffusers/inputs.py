@@ -13,28 +13,39 @@ import numpy as np
 import PIL.Image
 import torch
 
+from .config import check_integer
+
 ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a one-element list of those
+
+
+#: PIL modes holding 16-bit values (a 16-bit PNG opens as "I;16" or "I"): scaled by 65535, not clipped at 255
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+CHANNEL_COUNTS = (1, 3, 4)
 
 
 def to_pil(image: ImageInput) -> PIL.Image.Image:
     """Converts one image in any format diffusers pipelines return to PIL.
 
-    Accepts a PIL image, a numpy array ``(H, W)``, ``(H, W, C)`` or ``(1, H, W, C)`` (uint8, or float in
-    ``[0, 1]`` as ``output_type="np"`` gives), a torch tensor ``(C, H, W)`` or ``(1, C, H, W)`` (float in
-    ``[0, 1]`` as ``output_type="pt"`` gives, or uint8), or a list holding exactly one of these.
+    Accepts a PIL image (16-bit ones are scaled to 8 bits), a numpy array ``(H, W)``, ``(H, W, C)`` or
+    ``(1, H, W, C)`` (channels last: uint8, uint16, or float in ``[0, 1]`` as ``output_type="np"`` gives), a torch
+    tensor ``(C, H, W)`` or ``(1, C, H, W)`` (channels first: float in ``[0, 1]`` as ``output_type="pt"`` gives,
+    or uint8 / uint16), or a list holding exactly one of these. ``C`` is 1, 3 or 4. Empty images, NaN or infinite
+    values and channels-last torch tensors are refused with a ``ValueError``.
     """
     if isinstance(image, (list, tuple)):
         if len(image) != 1:
             raise ValueError(f"expected one image, got a sequence of {len(image)}")
         image = image[0]
     if isinstance(image, PIL.Image.Image):
-        return image
+        _check_size(*image.size[::-1])
+        return _array_to_pil(np.asarray(image), sixteen_bit=True) if image.mode in SIXTEEN_BIT_MODES else image
     if isinstance(image, torch.Tensor):
         array = image.detach().cpu()
         if array.ndim == 4:
             array = _single(array)
         if array.ndim != 3:
             raise ValueError(f"a torch image must be (C, H, W) or (1, C, H, W), got shape {tuple(image.shape)}")
+        _check_channels_first(tuple(image.shape), tuple(array.shape))
         array = array.permute(1, 2, 0).float().numpy() if array.is_floating_point() else array.permute(1, 2, 0).numpy()
     elif isinstance(image, np.ndarray):
         array = image
@@ -53,15 +64,54 @@ def _single(batch):
     return batch[0]
 
 
-def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+def _check_size(height: int, width: int) -> None:
+    if height == 0 or width == 0:
+        raise ValueError(f"the image is empty: it is {width}x{height} pixels (width x height); pass a non-empty image")
+
+
+def _check_channels_first(shape: tuple[int, ...], chw: tuple[int, ...]) -> None:
+    """Refuses a torch image whose first dimension is not 1, 3 or 4 channels (a channels-last one, most often)."""
+    if chw[0] in CHANNEL_COUNTS:
+        return
+    layouts = (
+        "torch images are channels-first, (C, H, W) or (1, C, H, W) with C = 1, 3 or 4, as output_type='pt' "
+        "gives (numpy images are channels-last, (H, W, C))"
+    )
+    if chw[-1] in CHANNEL_COUNTS:
+        raise ValueError(
+            f"{layouts}; this tensor of shape {shape} looks channels-last: pass image.permute(2, 0, 1) for (H, W, C) "
+            "or image.permute(0, 3, 1, 2) for (1, H, W, C), or a numpy array"
+        )
+    raise ValueError(f"{layouts}; got shape {shape}")
+
+
+def _array_to_pil(array: np.ndarray, sixteen_bit: bool = False) -> PIL.Image.Image:
+    """A channels-last array as an 8-bit PIL image: uint8 as is, uint16 (or, with ``sixteen_bit``, the int32 of
+    PIL's mode "I") scaled by 65535, float checked to be finite and in ``[0, 1]``."""
+    _check_size(*array.shape[:2])
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim == 3 and array.shape[-1] not in (3, 4):
-        raise ValueError(f"an image must have 1, 3 or 4 channels last, got shape {array.shape}")
+        hint = (
+            ": it looks channels-first, transpose it with array.transpose(1, 2, 0)"
+            if array.shape[0] in CHANNEL_COUNTS else ""
+        )
+        raise ValueError(
+            f"numpy images are channels-last and must have 1, 3 or 4 channels, got shape {array.shape}{hint}"
+        )
     if array.dtype == np.uint8:
         return PIL.Image.fromarray(array)
+    if sixteen_bit or (array.dtype.kind == "u" and array.dtype.itemsize == 2):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 65535:
+            raise ValueError(f"a 16-bit image must hold values in [0, 65535], got values in [{low}, {high}]")
+        return PIL.Image.fromarray(np.round(array.astype(np.float64) * (255 / 65535)).astype(np.uint8))
     if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"image arrays must be uint8 or float in [0, 1], got {array.dtype}")
+        raise TypeError(f"image arrays must be uint8 or float in [0, 1] (or uint16), got {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError(
+            "the image contains NaN or infinite values (a diverged generation?); no attribution can be computed for it"
+        )
     low, high = float(np.min(array)), float(np.max(array))
     if low < -1e-3 or high > 1 + 1e-3:
         raise ValueError(
@@ -74,6 +124,7 @@ def preprocess_image(
     image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True
 ) -> torch.Tensor:
     """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``."""
+    resolution = check_integer("resolution", resolution, 1)
     pil = to_pil(image).convert("L" if channels == 1 else "RGB")
     width, height = pil.size
     short = min(width, height)

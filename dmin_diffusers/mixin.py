@@ -7,10 +7,11 @@ import os
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from .caching import cache_dataset
-from .config import CONFIG_NAME, DMinConfig
+from .config import CONFIG_NAME, DMinConfig, check_integer, require_config
 from .families import PipelineFamily, detect_family
 from .gradients import GradientSketcher, check_config_matches
 from .hub import resolve_index_location
@@ -69,8 +70,8 @@ class InfluenceMixin:
         For several processes, or to cache from a training loop, see :func:`dmin_diffusers.caching.cache_dataset`.
         """
         index = cache_dataset(
-            self, dataset, output_dir, config, image_column, caption_column, dataset_reference=dataset_reference,
-            progress=progress,
+            self, dataset, output_dir, require_config(config), image_column, caption_column,
+            dataset_reference=dataset_reference, progress=progress,
         )
         self.load_attribution_index(index)
         return index
@@ -95,7 +96,8 @@ class InfluenceMixin:
             dataset: the training ``datasets.Dataset``, so that results can return the rows themselves (by
                 default they are loaded from the Hub dataset the index records, when there is one).
             strict: refuse (``ValueError``) an index whose config, tracked parameters (names, shapes, values),
-                denoiser or objective do not match this pipeline; with ``False`` only warn.
+                denoiser, input models (VAE, text encoders, tokenizers) or objective do not match this pipeline, or
+                a ``dataset`` whose sampled rows differ from those the index was built on; with ``False`` only warn.
             revision, token, cache_dir, local_files_only: as in ``AttributionIndex.from_pretrained``; further
                 keyword arguments (``repo_type``, ``subfolder``, ``force_download``, ``verify``) go there too.
 
@@ -116,8 +118,6 @@ class InfluenceMixin:
             warnings.warn(message, stacklevel=3)
 
         if isinstance(index, AttributionIndex):
-            if dataset is not None:
-                index.attach_dataset(dataset)
             check(index.source, index.config)
         else:
             location = resolve_index_location(
@@ -128,11 +128,12 @@ class InfluenceMixin:
                 check(location.source, DMinConfig.from_json_file(location.directory / CONFIG_NAME))
                 revision = location.commit or revision
             index = AttributionIndex.from_pretrained(
-                index, dataset=dataset, revision=revision, token=token, cache_dir=cache_dir,
-                local_files_only=local_files_only, **kwargs,
+                index, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only, **kwargs
             )
             if not location.from_hub:
                 check(index.source, index.config)
+        if dataset is not None:
+            index.attach_dataset(dataset, strict=strict)
         self._attribution_index = index
         self._attribution_sketcher = GradientSketcher(family, index.config)
         return index
@@ -151,20 +152,22 @@ class InfluenceMixin:
         Args:
             image: the generated image: PIL, numpy or torch, as diffusers pipelines return it.
             prompt: the prompt it was generated from (omit for unconditional pipelines).
-            top_k: how many rows to return (all rows if the index has fewer).
+            top_k: how many rows to return (all rows if the index has fewer): an integer of at least 1 (a Python or
+                numpy integer, not a bool or a float).
             exact: score every row; by default HNSW proposes the candidates.
         """
-        if not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        top_k = check_integer("top_k", top_k, 1)
+        if not isinstance(exact, (bool, np.bool_)):
+            raise TypeError(f"exact must be True or False, got {type(exact).__name__} {exact!r}")
         index = self._require_index()
         vector = self.attribution_vector(image, prompt)
-        indices, scores = index.search(vector, top_k, exact=exact)
+        indices, scores = index.search(vector, top_k, exact=bool(exact))
         return AttributionResult(
             indices=indices,
             scores=scores,
             image=to_pil(image),
             prompt=prompt,
-            exact=exact,
+            exact=bool(exact),
             dataset=index.dataset,
             image_column=index.dataset_info.get("image_column"),
             caption_column=index.dataset_info.get("caption_column"),

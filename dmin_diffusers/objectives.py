@@ -89,8 +89,31 @@ def make_objective(scheduler, name: str | None = None):
     return DiffusionObjective(scheduler.config, name)
 
 
-def spread_timesteps(num_timesteps: int, num_train_timesteps: int) -> list[int]:
-    """``T`` timesteps at the centres of ``T`` equal slices of the schedule."""
+def spread_timesteps(num_timesteps: int, num_train_timesteps: int, spacing: str = "centres") -> list[int]:
+    """``T`` distinct training timesteps in ascending order, placed by ``spacing``:
+
+    - ``"centres"``: the centres of ``T`` equal slices of the schedule (the paper's placement);
+    - ``"linspace"``: evenly spaced from 0 to ``N - 1``, both ends included (the middle step for ``T = 1``);
+    - ``"cubic"``: ``(N - 1)(1 - (i / T)^3)`` for ``i = 1..T``, as the official DMin code places them (dense at
+      high noise).
+    """
     if num_timesteps > num_train_timesteps:
         raise ValueError(f"num_timesteps ({num_timesteps}) exceeds the schedule's {num_train_timesteps} steps")
-    return [int((i + 0.5) * num_train_timesteps / num_timesteps) for i in range(num_timesteps)]
+    last = num_train_timesteps - 1
+    if spacing == "centres":
+        values = [int((i + 0.5) * num_train_timesteps / num_timesteps) for i in range(num_timesteps)]
+    elif spacing == "linspace":
+        values = [round(i * last / (num_timesteps - 1)) for i in range(num_timesteps)] if num_timesteps > 1 else [
+            last // 2
+        ]
+    elif spacing == "cubic":
+        values = [round(last * (1 - (i / num_timesteps) ** 3)) for i in range(1, num_timesteps + 1)]
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}")
+    values = sorted(values)
+    if len(set(values)) != len(values):
+        raise ValueError(
+            f"{spacing!r} spacing puts some of {num_timesteps} timesteps on the same step of a {num_train_timesteps}-"
+            "step schedule; choose fewer timesteps or another spacing"
+        )
+    return values

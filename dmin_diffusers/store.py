@@ -5,7 +5,8 @@ Shards and manifests are written to a temporary name and renamed, and a shard on
 lists it, so a process killed at any moment leaves a consistent store that can be resumed.
 
 The manifest lists the sha256 and size of every shard and, under ``"files"``, of the other files of an index;
-:func:`verify_files` and :func:`check_shard_layout` check them before anything is read.
+:func:`verify_files` and :func:`check_shard_layout` check them before anything is read, and :class:`VectorStore`
+checks a shard's sha256 the first time it reads vectors from it, and refuses non-finite values in what it reads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +45,35 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
     os.replace(temporary, path)
 
 
+def _manifest_digest(manifest: dict) -> str:
+    content = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_manifest(directory: str | os.PathLike, manifest: dict) -> dict:
+    """Writes ``manifest.json`` with a ``checksum`` of its own content, so that a damaged manifest is detected
+    like any other file. Returns the written manifest."""
+    manifest = {key: value for key, value in manifest.items() if key != "checksum"}
+    manifest["checksum"] = _manifest_digest(manifest)
+    write_json_atomic(Path(directory) / MANIFEST_NAME, manifest)
+    return manifest
+
+
 def read_manifest(directory: str | os.PathLike) -> dict | None:
+    """The manifest of a store, ``None`` if there is none; raises :class:`IndexIntegrityError` when it is not
+    valid JSON or does not match its own checksum (manifests written before the checksum existed have none)."""
     path = Path(directory) / MANIFEST_NAME
     if not path.exists():
         return None
-    with open(path, encoding="utf-8") as handle:
-        try:
-            return json.load(handle)
-        except json.JSONDecodeError as error:
-            raise IndexIntegrityError(f"{MANIFEST_NAME} in {directory} is not valid JSON ({error})") from None
+    try:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise IndexIntegrityError(f"{MANIFEST_NAME} in {directory} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or ("checksum" in manifest and manifest["checksum"] != _manifest_digest(manifest)):
+        raise IndexIntegrityError(
+            f"{MANIFEST_NAME} in {directory} does not match its own checksum: the file was modified or damaged"
+        )
+    return manifest
 
 
 # ------------------------------------------------------------------------------------------------ checksums
@@ -82,8 +103,7 @@ def record_files(directory: str | os.PathLike, names: list[str]) -> dict:
         else:
             files.pop(name, None)
     manifest["files"] = dict(sorted(files.items()))
-    write_json_atomic(directory / MANIFEST_NAME, manifest)
-    return manifest
+    return write_manifest(directory, manifest)
 
 
 def _checked_name(name: object) -> str:
@@ -106,11 +126,22 @@ def manifest_entries(manifest: dict) -> dict[str, dict]:
     return entries
 
 
+def check_file_digest(path: Path, record: dict, name: str) -> None:
+    """Raises :class:`IndexIntegrityError` when the file's sha256 is not the one ``record`` lists."""
+    digest = file_sha256(path)
+    if digest != record["sha256"]:
+        raise IndexIntegrityError(
+            f"{name} does not match its checksum in {MANIFEST_NAME} (sha256 {digest[:16]}..., expected "
+            f"{record['sha256'][:16]}...): the file was modified or damaged (in {path.parent})"
+        )
+
+
 def verify_files(
-    directory: str | os.PathLike, manifest: dict, full: bool = True, optional: tuple[str, ...] = ()
+    directory: str | os.PathLike, manifest: dict, full: bool | Collection[str] = True, optional: tuple[str, ...] = ()
 ) -> None:
-    """Checks every file the manifest lists: present (unless in ``optional``), of the listed size and, with
-    ``full``, of the listed sha256. Raises :class:`IndexIntegrityError` naming the first bad file."""
+    """Checks every file the manifest lists: present (unless in ``optional``), of the listed size and, for the
+    files in ``full`` (every file when ``True``), of the listed sha256. Raises :class:`IndexIntegrityError`
+    naming the first bad file."""
     directory = Path(directory)
     for name, record in manifest_entries(manifest).items():
         path = directory / name
@@ -124,13 +155,8 @@ def verify_files(
                 f"{name} has {size} bytes but {MANIFEST_NAME} lists {record['bytes']}: the file is truncated or "
                 f"was replaced (in {directory})"
             )
-        if full:
-            digest = file_sha256(path)
-            if digest != record["sha256"]:
-                raise IndexIntegrityError(
-                    f"{name} does not match its checksum in {MANIFEST_NAME} (sha256 {digest[:16]}..., expected "
-                    f"{record['sha256'][:16]}...): the file was modified or damaged (in {directory})"
-                )
+        if full is True or (full and name in full):
+            check_file_digest(path, record, name)
 
 
 def check_shard_layout(directory: str | os.PathLike, shard: dict, row_dim: int, dtype: str) -> None:
@@ -198,6 +224,11 @@ class VectorStoreWriter:
         """Queues one row; full shards are written at once."""
         if vector.numel() != self.row_dim:
             raise ValueError(f"row {row_id} has {vector.numel()} values, expected {self.row_dim}")
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError(
+                f"row {row_id} has a NaN or infinite DMin vector (its image, caption or the model produced a "
+                "non-finite gradient); it was not stored"
+            )
         self._pending_ids.append(int(row_id))
         self._pending_rows.append(vector.reshape(-1).to(_DTYPES[self.dtype]))
         if len(self._pending_ids) >= self.shard_size:
@@ -236,14 +267,17 @@ def merge_manifests(directory: str | os.PathLike) -> dict:
                 first_rows[shard["file"]] = int(handle.get_slice("row_ids")[0:1][0])
     shards = sorted((shard for part in parts for shard in part["shards"]), key=lambda s: first_rows[s["file"]])
     manifest = {key: parts[0][key] for key in ("format", "version", "row_dim", "dtype")} | {"shards": shards}
-    write_json_atomic(directory / MANIFEST_NAME, manifest)
-    return manifest
+    return write_manifest(directory, manifest)
 
 
 class VectorStore:
-    """Read access to a store: streaming chunks for exact scoring, and random access to a few rows."""
+    """Read access to a store: streaming chunks for exact scoring, and random access to a few rows.
 
-    def __init__(self, directory: str | os.PathLike):
+    Before vectors are first read from a shard, its sha256 is compared with the manifest's (once per shard and
+    store object), and vectors holding NaN or infinite values are refused, naming the row, so a damaged file is
+    never ranked. ``verify=False`` skips both (for benchmarks that measure their cost)."""
+
+    def __init__(self, directory: str | os.PathLike, verify: bool = True):
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if manifest is None:
@@ -251,6 +285,8 @@ class VectorStore:
         self.manifest = manifest
         self.row_dim = int(manifest["row_dim"])
         self.shards = manifest["shards"]
+        self.verify = verify
+        self._unverified = set(range(len(self.shards))) if verify else set()
         ids, locations = [], []
         for shard_number, shard in enumerate(self.shards):
             with safe_open(self._path(shard), framework="pt") as handle:
@@ -266,6 +302,26 @@ class VectorStore:
     def _path(self, shard: dict) -> Path:
         return self.directory / shard["file"]
 
+    def _open_vectors(self, shard_number: int):
+        """``safe_open`` of a shard whose checksum has been verified (on first use)."""
+        shard = self.shards[shard_number]
+        if shard_number in self._unverified:
+            check_file_digest(self._path(shard), shard, shard["file"])
+            self._unverified.discard(shard_number)
+        return safe_open(self._path(shard), framework="pt")
+
+    def _check_finite(self, vectors: torch.Tensor, row_ids, shard: dict) -> torch.Tensor:
+        if not self.verify:
+            return vectors
+        finite = torch.isfinite(vectors).all(dim=1)
+        if not bool(finite.all()):
+            bad = int(torch.as_tensor(row_ids)[~finite][0])
+            raise IndexIntegrityError(
+                f"row {bad} in {shard['file']} holds NaN or infinite values: the index is damaged or was built "
+                "from a non-finite gradient; rebuild that row (delete the shard and resume the build)"
+            )
+        return vectors
+
     @property
     def num_rows(self) -> int:
         return len(self.row_ids)
@@ -277,13 +333,14 @@ class VectorStore:
     def iter_chunks(self, chunk_rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(row_ids, float32 vectors)`` in chunks of at most ``chunk_rows`` rows, read from the
         memory-mapped shards without loading a whole shard."""
-        for shard in self.shards:
-            with safe_open(self._path(shard), framework="pt") as handle:
+        for shard_number, shard in enumerate(self.shards):
+            with self._open_vectors(shard_number) as handle:
                 row_ids = handle.get_tensor("row_ids")
                 vectors = handle.get_slice("vectors")
                 for start in range(0, len(row_ids), chunk_rows):
                     stop = min(start + chunk_rows, len(row_ids))
-                    yield row_ids[start:stop], vectors[start:stop].to(torch.float32)
+                    chunk = vectors[start:stop].to(torch.float32)
+                    yield row_ids[start:stop], self._check_finite(chunk, row_ids[start:stop], shard)
 
     def get_rows(self, row_ids: list[int]) -> torch.Tensor:
         """The float32 vectors of the given dataset rows, in the given order."""
@@ -296,8 +353,10 @@ class VectorStore:
             shard_number, offset = self._locations[self._by_row[found]]
             by_shard.setdefault(int(shard_number), []).append((out_index, int(offset)))
         for shard_number, wanted in by_shard.items():
-            with safe_open(self._path(self.shards[shard_number]), framework="pt") as handle:
+            with self._open_vectors(shard_number) as handle:
                 vectors = handle.get_slice("vectors")
                 for out_index, offset in wanted:
                     out[out_index] = vectors[offset : offset + 1].to(torch.float32)[0]
+            positions = [out_index for out_index, _ in wanted]
+            self._check_finite(out[positions], [row_ids[i] for i in positions], self.shards[shard_number])
         return out

@@ -44,12 +44,14 @@ def load_training_dataset(
             # DreamBooth scripts without --caption_column give every row the instance prompt
             dataset = dataset.add_column("text", [instance_prompt] * len(dataset))
     elif train_data_dir:
+        _require_directory("train_data_dir", train_data_dir)
         dataset = datasets.load_dataset(
             "imagefolder", data_files={"train": os.path.join(train_data_dir, "**")}, cache_dir=cache_dir
         )["train"]
     elif instance_data_dir:
         if not instance_prompt:
             raise ValueError("instance_data_dir needs instance_prompt (the caption of every instance image)")
+        _require_directory("instance_data_dir", instance_data_dir)
         paths = sorted(p for p in Path(instance_data_dir).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
         if not paths:
             raise ValueError(f"no images in {instance_data_dir}")
@@ -63,6 +65,13 @@ def load_training_dataset(
             raise ValueError("max_train_samples selects rows with shuffle(seed=...): pass the training seed too")
         dataset = dataset.shuffle(seed=seed).select(range(min(max_train_samples, len(dataset))))
     return dataset
+
+
+def _require_directory(name: str, path: str | os.PathLike) -> None:
+    """Refuses (``FileNotFoundError``) a data directory that does not exist, before anything is read."""
+    if not os.path.isdir(path):
+        what = "is a file, not a directory" if os.path.exists(path) else "does not exist"
+        raise FileNotFoundError(f"{name} {str(path)!r} {what}; pass the folder of training images")
 
 
 def dataset_reference(

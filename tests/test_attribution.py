@@ -2,14 +2,13 @@
 
 import json
 
-import datasets
-
 import numpy as np
 import PIL.Image
 import pytest
 import torch
 
 import dmin_diffusers as dm
+from dmin_diffusers.gradients import GradientSketcher
 from dmin_diffusers.testing import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 # kind, ready-made class, LoRA rank, K: the tracked parameters are larger than K in every case, so the
@@ -163,17 +162,21 @@ def test_coarse_knn_is_reranked_on_the_full_rows(tmp_path):
         np.testing.assert_allclose(approximate.scores[0], exact.scores[0], rtol=1e-5)
 
 
-def test_a_failing_build_keeps_finished_rows_and_resumes(tmp_path):
+def test_a_failing_build_keeps_finished_rows_and_resumes(tmp_path, monkeypatch):
     pipe, dataset = make_pipeline("ddpm"), make_dataset("ddpm")
     config = make_config("ddpm", shard_size=2)
-    raw = dataset.cast_column("image", datasets.Image(decode=False))
-    corrupt = raw.map(
-        lambda row, i: {"image": {"bytes": b"not an image" if i == 7 else row["image"]["bytes"], "path": None}},
-        with_indices=True,
-    )
-    broken = corrupt.cast_column("image", datasets.Image())
-    with pytest.raises(PIL.UnidentifiedImageError):
-        pipe.build_attribution_index(broken, tmp_path / "index", config=config, progress=False)
+    prepare, calls = GradientSketcher.prepare, []
+
+    def fails_at_row_7(self, image, prompt):
+        calls.append(1)
+        if len(calls) == 8:
+            raise RuntimeError("out of memory (simulated)")
+        return prepare(self, image, prompt)
+
+    monkeypatch.setattr(GradientSketcher, "prepare", fails_at_row_7)
+    with pytest.raises(RuntimeError, match="simulated"):
+        pipe.build_attribution_index(dataset, tmp_path / "index", config=config, progress=False)
+    monkeypatch.undo()
     part = json.loads((tmp_path / "index" / "vectors" / "part-000-of-001.json").read_text())
     assert sum(shard["rows"] for shard in part["shards"]) == 7  # rows 0-6 survived the failure
     resumed = pipe.build_attribution_index(dataset, tmp_path / "index", config=config, progress=False)

@@ -46,12 +46,22 @@ def test_speed_quick_writes_its_tables(tmp_path):
 def test_quality_quick_writes_its_tables(tmp_path):
     run_quick("quality.py", tmp_path)
     report = (tmp_path / "quality-quick.md").read_text()
-    detection = {row[0]: row[1:] for row in table_rows(report, "Detection rate")}
-    for method in ("random selection", "pixel similarity (cosine)", "uncompressed, normalised",
-                   "uncompressed, no normalisation", "DMin exact, K=2^12", "DMin HNSW, K=2^12"):
-        assert method in detection, list(detection)
-        assert len(detection[method]) == 16 and all(0.0 <= float(v) <= 1.0 for v in detection[method])
+    for mode in ("t2i-lora", "t2i", "digits"):
+        assert (tmp_path / f"quality-quick-{mode}.json").stat().st_size > 0
+        detection = {row[0]: row[1:] for row in table_rows(report, f"Detection rate, {mode}")}
+        baselines = ["random selection (expected)"] + {
+            "t2i-lora": ["pixel similarity (cosine)", "latent similarity (cosine)"],
+            "t2i": ["latent similarity (cosine)"], "digits": ["pixel similarity (cosine)"]}[mode]
+        gradients = [f"paper recipe: {m}" for m in ("uncompressed, normalised", "uncompressed, no normalisation",
+                                                     "DMin exact, K=2^10", "DMin exact, K=2^12", "DMin HNSW, K=2^10")]
+        for method in baselines + gradients:
+            assert method in detection, (mode, list(detection))
+            rates = [float(cell.split()[0]) for cell in detection[method]]
+            assert all(0.0 <= rate <= 1.0 for rate in rates), (mode, method, rates)
+        assert "±" in detection["paper recipe: DMin exact, K=2^12"][0]  # a spread over the seeds
+        grid = table_rows(report, f"Recipe grid, {mode}")
+        assert [row[0] for row in grid] == ["paper", "squared-norm output"]
+        assert [row[0] for row in table_rows(report, f"Compression fidelity, {mode}")] == ["2^10", "2^12"]
+    assert "Best-measured recipe" in report.split("## Choice of the default recipe", 1)[1]
     assert "positive in" in report.split("## Counterfactual", 1)[1]
-    for section in ("Compression fidelity: text-to-image", "Compression fidelity: digits"):
-        assert [row[0] for row in table_rows(report, section)] == ["2^10", "2^12", "2^14"]
     assert (tmp_path / "detection_rate-quick.png").stat().st_size > 0
