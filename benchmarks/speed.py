@@ -369,25 +369,32 @@ def plot_latency(points: list[tuple[int, float, float]], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_arguments(parser, "small sizes, about a minute")
+    parser.add_argument("--only", default="compressor,caching,latency",
+                        help="comma-separated sections to run (default all: compressor,caching,latency)")
     args = parser.parse_args()
     setup_threads(args.threads)
     quick = args.quick
+    chosen = {name.strip() for name in args.only.split(",")}
     sections = []
     start = time.perf_counter()
-    sections.append(("Compressor throughput", compressor_table(2**22 if quick else 2**26, 4096, 2 if quick else 3)))
-    print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
-    sections.append(("Caching cost per (row, timestep)", caching_table(4 if quick else 10, 4096, 2 if quick else 5)))
-    print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
-    sizes = [1000, 10000] if quick else [1000, 10000, 100000]
-    with tempfile.TemporaryDirectory(prefix="dmin-speed-") as workdir:
-        table, points = latency_table(sizes, 10, 256, 64, 10 if quick else 20, Path(workdir))
-        integrity = integrity_table(sizes, 10, 256, 64, Path(workdir))
-    sections.append(("Query latency", table))
-    sections.append(("Integrity checks: cost on open and on the first query", integrity))
-    plot = plot_path("query_latency", quick, args.results_dir)
-    plot_latency(points, plot)
-    sections.append(("Plot", f"![query latency]({plot.name}) written to `{plot}`"))
-    write_report("speed", sections, quick, args.results_dir)
+    if "compressor" in chosen:
+        sections.append(("Compressor throughput", compressor_table(2**22 if quick else 2**26, 4096, 2 if quick else 3)))
+        print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
+    if "caching" in chosen:
+        sections.append(("Caching cost per (row, timestep)", caching_table(4 if quick else 10, 4096, 2 if quick else 5)))
+        print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
+    if "latency" in chosen:
+        sizes = [1000, 10000] if quick else [1000, 10000, 100000]
+        with tempfile.TemporaryDirectory(prefix="dmin-speed-") as workdir:
+            table, points = latency_table(sizes, 10, 256, 64, 10 if quick else 20, Path(workdir))
+            integrity = integrity_table(sizes, 10, 256, 64, Path(workdir))
+        sections.append(("Query latency", table))
+        sections.append(("Integrity checks: cost on open and on the first query", integrity))
+        plot = plot_path("query_latency", quick, args.results_dir)
+        plot_latency(points, plot)
+        sections.append(("Plot", f"![query latency]({plot.name}) written to `{plot}`"))
+    name = "speed" if chosen >= {"compressor", "caching", "latency"} else "speed-" + "-".join(sorted(chosen))
+    write_report(name, sections, quick, args.results_dir)
     print(f"total {time.perf_counter() - start:.0f}s")
 
 

@@ -153,8 +153,13 @@ def cache_dataset(
         try:
             for row_id in mine:
                 row = rows[row_id]
-                example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
-                writer.add(row_id, sketcher.sketch(example))
+                try:
+                    example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
+                    writer.add(row_id, sketcher.sketch(example))
+                except Exception as error:
+                    if hasattr(error, "add_note"):  # Python 3.11+
+                        error.add_note(f"(while caching row {row_id}; the rows finished before it are kept)")
+                    raise
                 bar.update(world)  # the other processes advance at about the same pace
         finally:
             writer.flush()  # keep every finished row, even when a row fails

@@ -274,6 +274,10 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
     bad = [t for t in timesteps if not 0 <= t < num_train]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the training schedule [0, {num_train})")
+    resolution = config.resolution or family.native_resolution()
+    factor = int(family.pipeline.vae_scale_factor) if getattr(family.pipeline, "vae", None) is not None else 1
+    if resolution % factor:
+        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
     tracked = select_tracked_parameters(family.denoiser, config.tracked_parameters)
     description = describe_parameters(tracked)
     digests = parameter_digests(tracked)
@@ -285,7 +289,7 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
         objective=objective.name,
         num_train_timesteps=num_train,
         timesteps=list(timesteps),
-        resolution=config.resolution or family.native_resolution(),
+        resolution=resolution,
         max_sequence_length=max_sequence_length,
         parameters=description,
         parameter_fingerprint=parameter_fingerprint(description, digests),

@@ -4,9 +4,13 @@ A shard holds ``vectors`` (rows x row_dim, in the storage dtype) and ``row_ids``
 Shards and manifests are written to a temporary name and renamed, and a shard only counts once a manifest
 lists it, so a process killed at any moment leaves a consistent store that can be resumed.
 
+A shard also holds ``row_digests``: for each row, 8 bytes of blake2b over its row id and its stored values, so a
+reader can check exactly the rows it reads (a query reads a few dozen of millions) instead of hashing whole files.
+
 The manifest lists the sha256 and size of every shard and, under ``"files"``, of the other files of an index;
 :func:`verify_files` and :func:`check_shard_layout` check them before anything is read, and :class:`VectorStore`
-checks a shard's sha256 the first time it reads vectors from it, and refuses non-finite values in what it reads.
+checks every row it reads against its digest (a shard written before digests existed: the shard's sha256, the
+first time it is read) and refuses non-finite values.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from safetensors.torch import save_file
 
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "vectors"
+ROW_DIGEST_BYTES = 8
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -159,9 +164,32 @@ def verify_files(
             check_file_digest(path, record, name)
 
 
+def row_digests(row_ids: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``(rows, 8)`` uint8: blake2b of each row's id (int64, little-endian) and its values as stored."""
+    raw = vectors.contiguous().view(torch.uint8).numpy()
+    ids = row_ids.numpy().astype("<i8")
+    out = np.empty((len(ids), ROW_DIGEST_BYTES), dtype=np.uint8)
+    for i in range(len(ids)):
+        digest = hashlib.blake2b(ids[i : i + 1].tobytes(), digest_size=ROW_DIGEST_BYTES)
+        digest.update(raw[i])
+        out[i] = np.frombuffer(digest.digest(), dtype=np.uint8)
+    return torch.from_numpy(out)
+
+
+def check_row_digests(row_ids: torch.Tensor, vectors: torch.Tensor, stored: torch.Tensor, name: str) -> None:
+    """Raises :class:`IndexIntegrityError` naming the first row whose values or id do not match its digest."""
+    bad = (row_digests(row_ids, vectors) != stored).any(dim=1)
+    if bool(bad.any()):
+        row = int(row_ids[bad][0])
+        raise IndexIntegrityError(
+            f"row {row} in {name} does not match its checksum: the shard was modified or damaged"
+        )
+
+
 def check_shard_layout(directory: str | os.PathLike, shard: dict, row_dim: int, dtype: str) -> None:
     """Checks a shard's safetensors header against the manifest: ``vectors`` of ``(rows, row_dim)`` values in the
-    storage dtype and ``row_ids`` of ``rows`` int64 values. safetensors validates the header itself."""
+    storage dtype, ``row_ids`` of ``rows`` int64 values and, if present (shards written since version 0.2),
+    ``row_digests`` of ``(rows, 8)`` uint8. safetensors validates the header itself."""
     name = shard["file"]
     expected = {"vectors": (str(_DTYPES[dtype]), [shard["rows"], row_dim]), "row_ids": ("torch.int64", [shard["rows"]])}
     try:
@@ -173,11 +201,15 @@ def check_shard_layout(directory: str | os.PathLike, shard: dict, row_dim: int, 
                 found[key] = (str(_SAFETENSORS_DTYPES.get(dtype, dtype)), list(piece.get_shape()))
     except Exception as error:  # safetensors raises its own error types for malformed headers
         raise IndexIntegrityError(f"{name} is not a readable safetensors file ({error})") from None
+    if "row_digests" in found:
+        expected["row_digests"] = ("torch.uint8", [shard["rows"], ROW_DIGEST_BYTES])
     if found != expected:
         raise IndexIntegrityError(f"{name} holds {found}, but {MANIFEST_NAME} implies {expected}")
 
 
-_SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64, "U8": torch.uint8
+}
 
 
 def _part_manifests(directory: Path) -> list[Path]:
@@ -240,10 +272,9 @@ class VectorStoreWriter:
             return
         name = f"{SHARD_DIR}/{self.name}-{len(self.part['shards']):05d}.safetensors"
         path = self.directory / name
-        tensors = {
-            "vectors": torch.stack(self._pending_rows).contiguous(),
-            "row_ids": torch.tensor(self._pending_ids, dtype=torch.int64),
-        }
+        vectors = torch.stack(self._pending_rows).contiguous()
+        row_ids = torch.tensor(self._pending_ids, dtype=torch.int64)
+        tensors = {"vectors": vectors, "row_ids": row_ids, "row_digests": row_digests(row_ids, vectors)}
         save_file(tensors, f"{path}.tmp")
         os.replace(f"{path}.tmp", path)
         self.part["shards"].append(
@@ -273,9 +304,10 @@ def merge_manifests(directory: str | os.PathLike) -> dict:
 class VectorStore:
     """Read access to a store: streaming chunks for exact scoring, and random access to a few rows.
 
-    Before vectors are first read from a shard, its sha256 is compared with the manifest's (once per shard and
-    store object), and vectors holding NaN or infinite values are refused, naming the row, so a damaged file is
-    never ranked. ``verify=False`` skips both (for benchmarks that measure their cost)."""
+    Every row read is checked against its digest (``row_digests``; a streamed shard once per store object), or,
+    for a shard without digests, the shard's sha256 against the manifest's the first time it is read; vectors
+    holding NaN or infinite values are refused. Each names the row or file, so a damaged index is never ranked.
+    ``verify=False`` skips these checks (for benchmarks that measure their cost)."""
 
     def __init__(self, directory: str | os.PathLike, verify: bool = True):
         self.directory = Path(directory)
@@ -287,10 +319,13 @@ class VectorStore:
         self.shards = manifest["shards"]
         self.verify = verify
         self._unverified = set(range(len(self.shards))) if verify else set()
+        self._has_digests = set()
         ids, locations = [], []
         for shard_number, shard in enumerate(self.shards):
             with safe_open(self._path(shard), framework="pt") as handle:
                 shard_ids = handle.get_tensor("row_ids").numpy()
+                if "row_digests" in handle.keys():
+                    self._has_digests.add(shard_number)
             ids.append(shard_ids)
             locations.append(np.stack([np.full(len(shard_ids), shard_number), np.arange(len(shard_ids))], axis=1))
         self.row_ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
@@ -303,12 +338,21 @@ class VectorStore:
         return self.directory / shard["file"]
 
     def _open_vectors(self, shard_number: int):
-        """``safe_open`` of a shard whose checksum has been verified (on first use)."""
+        """``safe_open`` of a shard; one without row digests has its sha256 checked first (on first use)."""
         shard = self.shards[shard_number]
-        if shard_number in self._unverified:
+        if shard_number in self._unverified and shard_number not in self._has_digests:
             check_file_digest(self._path(shard), shard, shard["file"])
             self._unverified.discard(shard_number)
         return safe_open(self._path(shard), framework="pt")
+
+    def _checked_rows(self, handle, shard_number: int, start: int, stop: int, row_ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``start:stop`` of an open shard as float32, checked against their digests (when the shard has them
+        and has not been streamed and checked in full already) and for non-finite values."""
+        raw = handle.get_slice("vectors")[start:stop]
+        shard = self.shards[shard_number]
+        if shard_number in self._unverified and shard_number in self._has_digests:
+            check_row_digests(row_ids, raw, handle.get_slice("row_digests")[start:stop], shard["file"])
+        return self._check_finite(raw.to(torch.float32), row_ids, shard)
 
     def _check_finite(self, vectors: torch.Tensor, row_ids, shard: dict) -> torch.Tensor:
         if not self.verify:
@@ -333,14 +377,13 @@ class VectorStore:
     def iter_chunks(self, chunk_rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(row_ids, float32 vectors)`` in chunks of at most ``chunk_rows`` rows, read from the
         memory-mapped shards without loading a whole shard."""
-        for shard_number, shard in enumerate(self.shards):
+        for shard_number in range(len(self.shards)):
             with self._open_vectors(shard_number) as handle:
                 row_ids = handle.get_tensor("row_ids")
-                vectors = handle.get_slice("vectors")
                 for start in range(0, len(row_ids), chunk_rows):
                     stop = min(start + chunk_rows, len(row_ids))
-                    chunk = vectors[start:stop].to(torch.float32)
-                    yield row_ids[start:stop], self._check_finite(chunk, row_ids[start:stop], shard)
+                    yield row_ids[start:stop], self._checked_rows(handle, shard_number, start, stop, row_ids[start:stop])
+            self._unverified.discard(shard_number)  # every row of it has been checked
 
     def get_rows(self, row_ids: list[int]) -> torch.Tensor:
         """The float32 vectors of the given dataset rows, in the given order."""
@@ -354,9 +397,7 @@ class VectorStore:
             by_shard.setdefault(int(shard_number), []).append((out_index, int(offset)))
         for shard_number, wanted in by_shard.items():
             with self._open_vectors(shard_number) as handle:
-                vectors = handle.get_slice("vectors")
                 for out_index, offset in wanted:
-                    out[out_index] = vectors[offset : offset + 1].to(torch.float32)[0]
-            positions = [out_index for out_index, _ in wanted]
-            self._check_finite(out[positions], [row_ids[i] for i in positions], self.shards[shard_number])
+                    row_id = torch.tensor([int(row_ids[out_index])], dtype=torch.int64)
+                    out[out_index] = self._checked_rows(handle, shard_number, offset, offset + 1, row_id)[0]
         return out

@@ -12,6 +12,8 @@ import dmin_diffusers as dm
 from dmin_diffusers.caching import cache_dataset
 from dmin_diffusers.callbacks import GradientCacheCallback
 from dmin_diffusers.cli import main as dmin_main
+from dmin_diffusers.families import detect_family
+from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.inputs import preprocess_image, to_pil
 from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 from dmin_diffusers.training_data import load_training_dataset
@@ -338,3 +340,28 @@ def test_missing_data_directories_are_refused_by_the_dataset_loader(tmp_path):
     (tmp_path / "file.png").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="is a file, not a directory"):
         load_training_dataset(train_data_dir=str(tmp_path / "file.png"))
+
+
+def test_resolution_must_fit_the_vae():
+    pipe = tiny_pipeline("stable-diffusion", lora_rank=4)
+    with pytest.raises(ValueError, match="resolution 33 is not a multiple of the VAE's downsampling factor 2"):
+        resolve_config(dm.DMinConfig(num_timesteps=2, projection_dim=256, resolution=33), detect_family(pipe))
+
+
+def test_a_failing_row_is_named(tmp_path, monkeypatch):
+    pipe = tiny_pipeline("stable-diffusion", dm.DMinStableDiffusionPipeline, lora_rank=4)
+    prepare, calls = GradientSketcher.prepare, []
+
+    def fails_at_row_2(self, image, prompt):
+        calls.append(prompt)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory (simulated)")
+        return prepare(self, image, prompt)
+
+    monkeypatch.setattr(GradientSketcher, "prepare", fails_at_row_2)
+    config = dm.DMinConfig(num_timesteps=2, projection_dim=256, shard_size=1)
+    with pytest.raises(RuntimeError, match="simulated") as caught:
+        pipe.build_attribution_index(make_caption_dataset(4), tmp_path / "index", config=config, progress=False)
+    if hasattr(caught.value, "__notes__"):  # Python 3.11+
+        assert "while caching row 2" in "".join(caught.value.__notes__)
+    assert len(list((tmp_path / "index" / "vectors").glob("*.safetensors"))) == 2  # rows 0 and 1 are kept

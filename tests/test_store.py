@@ -2,8 +2,17 @@
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from dmin_diffusers.store import VectorStore, VectorStoreWriter, merge_manifests
+from dmin_diffusers.store import (
+    IndexIntegrityError,
+    VectorStore,
+    VectorStoreWriter,
+    file_sha256,
+    merge_manifests,
+    write_manifest,
+)
 
 
 def test_two_writers_merge_and_rows_come_back_in_the_asked_order(tmp_path):
@@ -35,3 +44,49 @@ def test_a_store_of_another_row_size_is_refused(tmp_path):
         VectorStoreWriter(tmp_path, 8, "float32")
     with pytest.raises(ValueError, match="has 5 values, expected 6"):
         writer.add(1, torch.zeros(5))
+
+
+def flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_every_read_row_is_checked_against_its_digest(tmp_path):
+    writer = VectorStoreWriter(tmp_path, 4, "float16", shard_size=4)
+    for row in range(4):
+        writer.add(row, torch.full((4,), float(row)))
+    writer.flush()
+    manifest = merge_manifests(tmp_path)
+    path = tmp_path / manifest["shards"][0]["file"]
+    with safe_open(path, framework="pt") as handle:
+        assert handle.get_tensor("row_digests").shape == (4, 8)
+    # the last bytes of the file are row 3's values (safetensors lays tensors out by dtype size, vectors last)
+    flip(path, path.stat().st_size - 1)
+    store = VectorStore(tmp_path)
+    assert store.get_rows([0, 1])[:, 0].tolist() == [0.0, 1.0]  # only the rows read are checked
+    with pytest.raises(IndexIntegrityError, match="row 3 in vectors/part-0-00000.safetensors does not match its checksum"):
+        store.get_rows([3])
+    with pytest.raises(IndexIntegrityError, match="row 3 .* does not match its checksum"):
+        list(VectorStore(tmp_path).iter_chunks())
+    assert VectorStore(tmp_path, verify=False).get_rows([3]).shape == (1, 4)  # the benchmarks' unchecked baseline
+
+
+def test_a_shard_without_row_digests_is_checked_whole(tmp_path):
+    """Shards written before row digests existed: their sha256 in the manifest is checked on first read."""
+    writer = VectorStoreWriter(tmp_path, 4, "float32", shard_size=4)
+    for row in range(3):
+        writer.add(row, torch.full((4,), float(row)))
+    writer.flush()
+    manifest = merge_manifests(tmp_path)
+    shard = manifest["shards"][0]
+    path = tmp_path / shard["file"]
+    with safe_open(path, framework="pt") as handle:
+        old = {key: handle.get_tensor(key) for key in ("vectors", "row_ids")}
+    save_file(old, path)
+    shard.update(sha256=file_sha256(path), bytes=path.stat().st_size)
+    write_manifest(tmp_path, manifest)
+    assert VectorStore(tmp_path).get_rows([2])[0, 0] == 2.0
+    flip(path, path.stat().st_size - 1)
+    with pytest.raises(IndexIntegrityError, match="does not match its checksum in manifest.json"):
+        VectorStore(tmp_path).get_rows([0])
