@@ -319,7 +319,8 @@ class VectorStore:
         self.shards = manifest["shards"]
         self.verify = verify
         self._unverified = set(range(len(self.shards))) if verify else set()
-        self._has_digests = set()
+        self._has_digests: set[int] = set()
+        self._digests: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # row digests, and which rows were checked
         ids, locations = [], []
         for shard_number, shard in enumerate(self.shards):
             with safe_open(self._path(shard), framework="pt") as handle:
@@ -345,13 +346,15 @@ class VectorStore:
             self._unverified.discard(shard_number)
         return safe_open(self._path(shard), framework="pt")
 
-    def _checked_rows(self, handle, shard_number: int, start: int, stop: int, row_ids: torch.Tensor) -> torch.Tensor:
-        """Rows ``start:stop`` of an open shard as float32, checked against their digests (when the shard has them
-        and has not been streamed and checked in full already) and for non-finite values."""
-        raw = handle.get_slice("vectors")[start:stop]
+    def _needs_row_check(self, shard_number: int) -> bool:
+        return shard_number in self._unverified and shard_number in self._has_digests
+
+    def _checked(self, raw: torch.Tensor, row_ids: torch.Tensor, stored_digests, shard_number: int) -> torch.Tensor:
+        """Stored rows as float32, after checking them against their digests (``stored_digests``, or ``None`` when
+        the shard needs no row check) and for non-finite values."""
         shard = self.shards[shard_number]
-        if shard_number in self._unverified and shard_number in self._has_digests:
-            check_row_digests(row_ids, raw, handle.get_slice("row_digests")[start:stop], shard["file"])
+        if stored_digests is not None:
+            check_row_digests(row_ids, raw, stored_digests, shard["file"])
         return self._check_finite(raw.to(torch.float32), row_ids, shard)
 
     def _check_finite(self, vectors: torch.Tensor, row_ids, shard: dict) -> torch.Tensor:
@@ -380,9 +383,12 @@ class VectorStore:
         for shard_number in range(len(self.shards)):
             with self._open_vectors(shard_number) as handle:
                 row_ids = handle.get_tensor("row_ids")
+                check = self._needs_row_check(shard_number)
                 for start in range(0, len(row_ids), chunk_rows):
                     stop = min(start + chunk_rows, len(row_ids))
-                    yield row_ids[start:stop], self._checked_rows(handle, shard_number, start, stop, row_ids[start:stop])
+                    stored = handle.get_slice("row_digests")[start:stop] if check else None
+                    raw = handle.get_slice("vectors")[start:stop]
+                    yield row_ids[start:stop], self._checked(raw, row_ids[start:stop], stored, shard_number)
             self._unverified.discard(shard_number)  # every row of it has been checked
 
     def get_rows(self, row_ids: list[int]) -> torch.Tensor:
@@ -396,8 +402,21 @@ class VectorStore:
             shard_number, offset = self._locations[self._by_row[found]]
             by_shard.setdefault(int(shard_number), []).append((out_index, int(offset)))
         for shard_number, wanted in by_shard.items():
+            positions = [out_index for out_index, _ in wanted]
+            offsets = [offset for _, offset in wanted]
             with self._open_vectors(shard_number) as handle:
-                for out_index, offset in wanted:
-                    row_id = torch.tensor([int(row_ids[out_index])], dtype=torch.int64)
-                    out[out_index] = self._checked_rows(handle, shard_number, offset, offset + 1, row_id)[0]
+                vectors = handle.get_slice("vectors")
+                raw = torch.cat([vectors[offset : offset + 1] for offset in offsets])
+                ids = torch.tensor([int(row_ids[i]) for i in positions], dtype=torch.int64)
+                if self._needs_row_check(shard_number):
+                    if shard_number not in self._digests:  # 8 bytes and a flag a row, kept once read
+                        digests = handle.get_tensor("row_digests")
+                        self._digests[shard_number] = (digests, np.zeros(len(digests), dtype=bool))
+                    digests, checked = self._digests[shard_number]
+                    fresh = [i for i, offset in enumerate(offsets) if not checked[offset]]
+                    if fresh:
+                        check_row_digests(ids[fresh], raw[fresh], digests[[offsets[i] for i in fresh]],
+                                          self.shards[shard_number]["file"])
+                        checked[[offsets[i] for i in fresh]] = True
+            out[positions] = self._check_finite(raw.to(torch.float32), ids, self.shards[shard_number])
         return out
