@@ -200,6 +200,36 @@ def caching_table(num_timesteps: int, dim: int, repeats: int) -> str:
     )
 
 
+#: the recipe options of ``DMinConfig`` whose cost can differ from the paper's (``benchmarks/quality.py`` grid)
+RECIPE_COSTS = {
+    "paper (training loss, shared noise)": {},
+    "squared-norm output": {"output_function": "squared_norm"},
+    "per-timestep noise": {"noise": "per_timestep"},
+    "2 noise draws": {"noise_draws": 2},
+    "4 noise draws": {"noise_draws": 4},
+}
+
+
+def recipe_cost_table(num_timesteps: int, dim: int, repeats: int) -> str:
+    """Caching time per (row, timestep) of each recipe option against the paper's recipe, same model and row."""
+    image = make_caption_dataset(1)[0]["image"]
+    rows = []
+    for name, pipe, prompt in caching_models():
+        family = detect_family(pipe)
+        times = {}
+        for recipe, fields in RECIPE_COSTS.items():
+            config = dm.DMinConfig.paper(num_timesteps=num_timesteps, projection_dim=dim, **fields)
+            sketcher = GradientSketcher(family, resolve_config(config, family))
+            example = sketcher.prepare(image, prompt)
+            sketcher.sketch(example)  # warm-up
+            times[recipe] = best_time(partial(sketcher.sketch, example), repeats) / num_timesteps
+        paper, *others = times.values()
+        rows.append([name, f"{paper * 1e3:.1f}"] + [f"{t / paper:.2f}x" for t in others])
+    return (f"`GradientSketcher.sketch` per (row, timestep), T = {num_timesteps}, K = {dim}, best of {repeats}, as a "
+            "ratio to the paper's recipe on the same model and row.\n\n"
+            + markdown_table(["model", "paper recipe (ms)", *list(RECIPE_COSTS)[1:]], rows))
+
+
 # --------------------------------------------------------------------------------------------------
 # 3. Query latency
 # --------------------------------------------------------------------------------------------------
@@ -382,6 +412,9 @@ def main() -> None:
         print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
     if "caching" in chosen:
         sections.append(("Caching cost per (row, timestep)", caching_table(4 if quick else 10, 4096, 2 if quick else 5)))
+        print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
+        sections.append(("Caching cost of the recipe options",
+                         recipe_cost_table(4 if quick else 10, 4096, 2 if quick else 5)))
         print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
     if "latency" in chosen:
         sizes = [1000, 10000] if quick else [1000, 10000, 100000]

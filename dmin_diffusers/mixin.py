@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from .caching import cache_dataset
-from .config import CONFIG_NAME, DMinConfig, check_integer, require_config
+from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
 from .gradients import GradientSketcher, check_config_matches
 from .hub import resolve_index_location
@@ -70,8 +70,8 @@ class InfluenceMixin:
         For several processes, or to cache from a training loop, see :func:`dmin_diffusers.caching.cache_dataset`.
         """
         index = cache_dataset(
-            self, dataset, output_dir, require_config(config), image_column, caption_column,
-            dataset_reference=dataset_reference, progress=progress,
+            self, dataset, output_dir, config, image_column, caption_column, dataset_reference=dataset_reference,
+            progress=progress,
         )
         self.load_attribution_index(index)
         return index
