@@ -52,12 +52,17 @@ def flip(path, offset):
     path.write_bytes(bytes(data))
 
 
-def test_every_read_row_is_checked_against_its_digest(tmp_path):
-    writer = VectorStoreWriter(tmp_path, 4, "float16", shard_size=4)
-    for row in range(4):
+def one_shard(directory, rows: int, dtype: str) -> dict:
+    """A merged store of ``rows`` rows of 4 values (row r holds r) in one shard; returns the manifest."""
+    writer = VectorStoreWriter(directory, 4, dtype, shard_size=4)
+    for row in range(rows):
         writer.add(row, torch.full((4,), float(row)))
     writer.flush()
-    manifest = merge_manifests(tmp_path)
+    return merge_manifests(directory)
+
+
+def test_every_read_row_is_checked_against_its_digest(tmp_path):
+    manifest = one_shard(tmp_path, 4, "float16")
     path = tmp_path / manifest["shards"][0]["file"]
     with safe_open(path, framework="pt") as handle:
         assert handle.get_tensor("row_digests").shape == (4, 8)
@@ -74,11 +79,7 @@ def test_every_read_row_is_checked_against_its_digest(tmp_path):
 
 def test_a_shard_without_row_digests_is_checked_whole(tmp_path):
     """Shards written before row digests existed: their sha256 in the manifest is checked on first read."""
-    writer = VectorStoreWriter(tmp_path, 4, "float32", shard_size=4)
-    for row in range(3):
-        writer.add(row, torch.full((4,), float(row)))
-    writer.flush()
-    manifest = merge_manifests(tmp_path)
+    manifest = one_shard(tmp_path, 3, "float32")
     shard = manifest["shards"][0]
     path = tmp_path / shard["file"]
     with safe_open(path, framework="pt") as handle:
