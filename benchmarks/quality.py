@@ -82,7 +82,8 @@ QUICK = Run(Sizes(t2i_rows=160, pretrain_rows=300, vae_steps=80, pretrain_steps=
 FULL = Run(Sizes(t2i_rows=500, pretrain_rows=2000, vae_steps=800, pretrain_steps=2500, lora_steps=2000, lora_rank=8,
                  t2i_steps=2000, prompts_per_subset=8, digit_rows=400, digit_steps=1200, digit_queries=20,
                  inference_steps=100),
-           num_timesteps={"t2i-lora": 10, "t2i": 10, "digits": 10}, dims=(2**10, 2**12, 2**14), hnsw_dims=(2**10, 2**12),
+           num_timesteps={"t2i-lora": 10, "t2i": 10, "digits": 10}, dims=(2**10, 2**12, 2**14),
+           hnsw_dims=(2**10, 2**12),
            seeds=3, recipes=tuple(RECIPES), counterfactual_images=3)
 
 
@@ -173,7 +174,8 @@ def measure(setup: Setup, run: Run) -> tuple[dict, dict]:
     top_k = min(max(TOP_KS), len(setup.rows))
     reference = f"DMin exact, K=2^{max(run.dims).bit_length() - 1}"
     num_timesteps = run.num_timesteps[setup.mode]
-    results = {"recipes": {}, "baselines": baseline_rates(setup, top_k), "notes": setup.notes, "num_timesteps": num_timesteps}
+    results = {"recipes": {}, "baselines": baseline_rates(setup, top_k), "notes": setup.notes,
+               "num_timesteps": num_timesteps}
     kept_scores = {}
     for recipe in run.recipes:
         per_seed = {}

@@ -411,10 +411,10 @@ def main() -> None:
         sections.append(("Compressor throughput", compressor_table(2**22 if quick else 2**26, 4096, 2 if quick else 3)))
         print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
     if "caching" in chosen:
-        sections.append(("Caching cost per (row, timestep)", caching_table(4 if quick else 10, 4096, 2 if quick else 5)))
+        timesteps, repeats = (4, 2) if quick else (10, 5)
+        sections.append(("Caching cost per (row, timestep)", caching_table(timesteps, 4096, repeats)))
         print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
-        sections.append(("Caching cost of the recipe options",
-                         recipe_cost_table(4 if quick else 10, 4096, 2 if quick else 5)))
+        sections.append(("Caching cost of the recipe options", recipe_cost_table(timesteps, 4096, repeats)))
         print(sections[-1][1], f"\n[{time.perf_counter() - start:.0f}s]", flush=True)
     if "latency" in chosen:
         sizes = [1000, 10000] if quick else [1000, 10000, 100000]

@@ -73,8 +73,8 @@ class DMinConfig:
 
     The user-facing fields default to the recipe measured best by ``benchmarks/quality.py`` (see
     :meth:`paper` for the paper's exact recipe). The fields after them are filled in from the pipeline
-    by :func:`dmin_diffusers.gradients.resolve_config` when an index is built, so that a saved config records every choice the vectors depend
-    on and a query can be computed in exactly the same way later.
+    by :func:`dmin_diffusers.gradients.resolve_config` when an index is built, so that a saved config records every
+    choice the vectors depend on and a query can be computed in exactly the same way later.
 
     Args:
         num_timesteps: ``T``, how many training timesteps each gradient is taken at.
@@ -231,8 +231,8 @@ class DMinConfig:
         """A copy without the fields that :func:`resolve_config` derives from a pipeline."""
         return self.replace(
             family=None, objective=None, num_train_timesteps=None, parameters=None, parameter_fingerprint=None,
-            parameter_digests=None, denoiser_fingerprint=None, input_models_fingerprint=None, objective_fingerprint=None,
-            denoiser_dtype=None,
+            parameter_digests=None, denoiser_fingerprint=None, input_models_fingerprint=None,
+            objective_fingerprint=None, denoiser_dtype=None,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -64,9 +64,9 @@ def input_models_fingerprint(pipeline: Any) -> str | None:
         if isinstance(component, torch.nn.Module):
             if not add_sampled_parameters(digest, component.named_parameters()):
                 return None
-            config = getattr(component, "config", None)
-            factors = [getattr(config, key, None) for key in ("scaling_factor", "shift_factor")] if name == "vae" else []
-            digest.update(json.dumps(factors).encode())
+            if name == "vae":
+                factors = [getattr(component.config, key, None) for key in ("scaling_factor", "shift_factor")]
+                digest.update(json.dumps(factors).encode())
         else:
             digest.update(json.dumps(_tokenizer_state(component), ensure_ascii=False).encode())
     return digest.hexdigest()[:16]

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "vectors"
 ROW_DIGEST_BYTES = 8
+STORE_VERSION = 2  # 2: shards carry row digests and the manifest a checksum of itself
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -74,7 +75,11 @@ def read_manifest(directory: str | os.PathLike) -> dict | None:
         manifest = json.loads(path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise IndexIntegrityError(f"{MANIFEST_NAME} in {directory} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or ("checksum" in manifest and manifest["checksum"] != _manifest_digest(manifest)):
+    if not isinstance(manifest, dict):
+        raise IndexIntegrityError(f"{MANIFEST_NAME} in {directory} is not a JSON object")
+    # a version-2 manifest always has its checksum; one written before had none
+    needs_checksum = "checksum" in manifest or manifest.get("version", 1) != 1
+    if needs_checksum and manifest.get("checksum") != _manifest_digest(manifest):
         raise IndexIntegrityError(
             f"{MANIFEST_NAME} in {directory} does not match its own checksum: the file was modified or damaged"
         )
@@ -238,7 +243,9 @@ class VectorStoreWriter:
         (self.directory / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         self.row_dim, self.dtype, self.shard_size, self.name = row_dim, dtype, shard_size, name
         self.done: set[int] = set()
-        self.part: dict = {"format": "dmin-vectors", "version": 1, "row_dim": row_dim, "dtype": dtype, "shards": []}
+        self.part: dict = {
+            "format": "dmin-vectors", "version": STORE_VERSION, "row_dim": row_dim, "dtype": dtype, "shards": []
+        }
         for path in _part_manifests(self.directory):
             part = json.loads(path.read_text())
             if (part["row_dim"], part["dtype"]) != (row_dim, dtype):
@@ -297,7 +304,8 @@ def merge_manifests(directory: str | os.PathLike) -> dict:
             with safe_open(directory / shard["file"], framework="pt") as handle:
                 first_rows[shard["file"]] = int(handle.get_slice("row_ids")[0:1][0])
     shards = sorted((shard for part in parts for shard in part["shards"]), key=lambda s: first_rows[s["file"]])
-    manifest = {key: parts[0][key] for key in ("format", "version", "row_dim", "dtype")} | {"shards": shards}
+    manifest = {key: parts[0][key] for key in ("format", "row_dim", "dtype")} | {"version": STORE_VERSION,
+                                                                                 "shards": shards}
     return write_manifest(directory, manifest)
 
 

@@ -57,7 +57,8 @@ def test_every_damaged_file_is_detected_on_the_default_path(built, tmp_path):
     undetected, trials = [], 0
     for name in names:
         size = (source / name).stat().st_size
-        damages = [("flip", offset) for offset in sorted({0, 1, size // 3, size // 2, (2 * size) // 3, size - 2, size - 1})]
+        offsets = sorted({0, 1, size // 3, size // 2, (2 * size) // 3, size - 2, size - 1})
+        damages = [("flip", offset) for offset in offsets]
         damages += [("truncate", size // 2), ("delete", 0)]
         for kind, offset in damages:
             copy = tmp_path / f"{kind}-{offset}-{name.replace('/', '_')}"
