@@ -29,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -270,9 +270,22 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BUILDERS),
                         help=f"comma-separated settings to run (default all: {','.join(BUILDERS)})")
     parser.add_argument("--report", action="store_true", help="only rebuild the report from saved results")
+    parser.add_argument("--seeds", type=int, default=None, help="DMin seeds per recipe (default 3; 2 with --quick)")
+    parser.add_argument("--recipes", default=None, help="comma-separated names of RECIPES to run (default all)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="t2i-lora: LoRA rank (default 8)")
+    parser.add_argument("--lora-steps", type=int, default=None, help="t2i-lora: LoRA fine-tuning steps (default 2000)")
     args = parser.parse_args()
     setup_threads(args.threads)
     run = QUICK if args.quick else FULL
+    sizes = {"lora_rank": args.lora_rank, "lora_steps": args.lora_steps}
+    run = replace(run, sizes=replace(run.sizes, **{k: v for k, v in sizes.items() if v is not None}))
+    if args.seeds is not None:
+        run = replace(run, seeds=args.seeds)
+    if args.recipes is not None:
+        chosen = tuple(name.strip() for name in args.recipes.split(","))
+        if set(chosen) - set(RECIPES):
+            parser.error(f"unknown recipes {sorted(set(chosen) - set(RECIPES))}; choose from {list(RECIPES)}")
+        run = replace(run, recipes=chosen)
     modes = [m.strip() for m in args.only.split(",") if m.strip()]
     unknown = sorted(set(modes) - set(BUILDERS))
     if unknown:

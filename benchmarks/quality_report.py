@@ -118,7 +118,12 @@ def plot_headline(saved: dict, path: Path, default: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(saved), figsize=(4.2 * len(saved), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(saved), figsize=(4.2 * len(saved), 3.8), sharey=True, squeeze=False)
+    colours: dict[str, str] = {}  # one colour per method in every panel
+
+    def colour(label: str) -> str:
+        return colours.setdefault(label, f"C{len(colours)}")
+
     for ax, (mode, results) in zip(axes[0], saved.items()):
         baselines = results["baselines"]["evaluation"]
         groups = list(baselines)
@@ -126,20 +131,21 @@ def plot_headline(saved: dict, path: Path, default: str) -> None:
         xs = [int(k) for k in ks]
         for method in next(iter(baselines.values())):
             ax.plot(xs, [np.mean([baselines[g][method][k] for g in groups]) for k in ks], "--", marker="o", ms=3,
-                    label=method)
+                    label=method, color=colour(method))
         for name in dict.fromkeys(["paper", default]):
             if name not in results["recipes"]:
                 continue
             values = [seed_values(results["recipes"][name], "evaluation", REFERENCE_METHOD, k) for k in ks]
+            label = f"DMin K=4096, {name} recipe" + (" (default)" if name == default else "")
             ax.errorbar(xs, [v.mean() for v in values], yerr=[v.std() for v in values], marker="o", ms=3, capsize=2,
-                        label=f"DMin K=4096, {name} recipe" + (" (default)" if name == default else ""))
+                        label=label, color=colour(label))
         ax.set_xscale("log")
         ax.set_xticks(xs, ks)
         ax.set_title(mode)
         ax.set_xlabel("top-k")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=5, loc="lower left")
     axes[0][0].set_ylabel("detection rate (mean over subsets)")
-    axes[0][-1].legend(fontsize=6, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
