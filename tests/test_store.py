@@ -70,7 +70,8 @@ def test_every_read_row_is_checked_against_its_digest(tmp_path):
     flip(path, path.stat().st_size - 1)
     store = VectorStore(tmp_path)
     assert store.get_rows([0, 1])[:, 0].tolist() == [0.0, 1.0]  # only the rows read are checked
-    with pytest.raises(IndexIntegrityError, match="row 3 in vectors/part-0-00000.safetensors does not match its checksum"):
+    message = "row 3 in vectors/part-0-00000.safetensors does not match its checksum"
+    with pytest.raises(IndexIntegrityError, match=message):
         store.get_rows([3])
     with pytest.raises(IndexIntegrityError, match="row 3 .* does not match its checksum"):
         list(VectorStore(tmp_path).iter_chunks())
