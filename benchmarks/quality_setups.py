@@ -155,11 +155,14 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], steps: int, see
           flush=True)
 
 
-def add_training_lora(unet, rank: int) -> None:
-    """The LoRA of diffusers' ``train_text_to_image_lora.py``: frozen base, adapter on the attention projections."""
+def add_training_lora(unet, rank: int, seed: int) -> None:
+    """The LoRA of diffusers' ``train_text_to_image_lora.py``: frozen base, adapter on the attention projections
+    (its random initialisation seeded, so a run is reproducible)."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
 
 
 def t2i_prompts(dataset, sizes: Sizes) -> dict[str, list[tuple[str, str]]]:
@@ -199,7 +202,7 @@ def build_t2i_lora(sizes: Sizes) -> Setup:
     train_unet(pipe, encode_latents(pipe, corpus), corpus_captions, sizes.pretrain_steps, seed, lr=1e-3)
     print(f"  pre-trained in {time.perf_counter() - start:.0f}s", flush=True)
     dataset = make_t2i_dataset(sizes.t2i_rows, seed)
-    add_training_lora(pipe.unet, sizes.lora_rank)
+    add_training_lora(pipe.unet, sizes.lora_rank, seed)
     start = time.perf_counter()
     train_unet(pipe, encode_latents(pipe, to_pixels(dataset["image"])), dataset["text"], sizes.lora_steps, seed + 1,
                lr=1e-3)
