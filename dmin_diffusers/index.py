@@ -66,8 +66,9 @@ class AttributionIndex:
     one and ``load_attribution_index`` attaches one.
 
     Opening an index checks every file the manifest lists: that it exists and has the listed size, and the sha256
-    of the config and the dataset reference (everything the vectors and row ids depend on). Each vector shard's
-    sha256 is checked the first time a query reads it, and ``knn.bin``'s when it is loaded, so damage is reported
+    of the config and the dataset reference (everything the vectors and row ids depend on). Every row a query
+    reads is checked against its digest in the shard (a shard without digests: its sha256, on first read), and
+    ``knn.bin`` against its sha256 when it is loaded, so damage is reported
     as an :class:`~dmin_diffusers.store.IndexIntegrityError` before a damaged row can be ranked; ``verify=True``
     checks every file at once. A missing ``knn.bin`` is allowed: exact search needs only the rows, and
     :meth:`build_knn` rebuilds the HNSW index.
