@@ -30,10 +30,13 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
 
 import dmin_diffusers as dm
 from dmin_diffusers.config import PAPER_RECIPE
@@ -106,39 +109,38 @@ def detection_rates(top: torch.Tensor, row_labels: np.ndarray, query_labels: lis
     return {k: float(hits[:, :k].mean()) for k in TOP_KS}
 
 
+def query_groups(setup: Setup) -> Iterator[tuple[str, str, list[int]]]:
+    """(query set, group, positions of its queries in the set) for every non-empty group of every query set."""
+    for name, query_set in setup.query_sets.items():
+        for group in setup.groups:
+            chosen = [i for i, label in enumerate(query_set.labels) if setup.group_of(label) == group]
+            if chosen:
+                yield name, group, chosen
+
+
 def rates_by_group(setup: Setup, top: dict[str, torch.Tensor], offsets: dict[str, slice]) -> dict:
     """query set -> group -> method -> k -> detection rate."""
-    out = {}
-    for name, query_set in setup.query_sets.items():
-        labels = query_set.labels
-        out[name] = {}
-        for group in setup.groups:
-            chosen = [i for i, label in enumerate(labels) if setup.group_of(label) == group]
-            if not chosen:
-                continue
-            rows = np.asarray(chosen) + offsets[name].start
-            out[name][group] = {method: detection_rates(t[rows], setup.row_labels, [labels[i] for i in chosen])
-                                for method, t in top.items()}
+    out: dict = {name: {} for name in setup.query_sets}
+    for name, group, chosen in query_groups(setup):
+        labels = [setup.query_sets[name].labels[i] for i in chosen]
+        rows = np.asarray(chosen) + offsets[name].start
+        out[name][group] = {method: detection_rates(t[rows], setup.row_labels, labels) for method, t in top.items()}
     return out
 
 
 def baseline_rates(setup: Setup, top_k: int) -> dict:
     """Detection rates of the baselines, which do not depend on the DMin seed: random (the expected share of the
     label among the rows) and the similarity matrices."""
-    out = {}
-    for name, query_set in setup.query_sets.items():
-        out[name] = {}
-        for group in setup.groups:
-            chosen = [i for i, label in enumerate(query_set.labels) if setup.group_of(label) == group]
-            if not chosen:
-                continue
-            labels = [query_set.labels[i] for i in chosen]
-            share = float(np.mean([np.mean(setup.row_labels == label) for label in labels]))
-            group_rates = {"random selection (expected)": {k: share for k in TOP_KS}}
-            for method, similarity in query_set.similarities.items():
-                top = torch.topk(similarity[chosen], top_k, dim=1).indices
-                group_rates[method] = detection_rates(top, setup.row_labels, labels)
-            out[name][group] = group_rates
+    out: dict = {name: {} for name in setup.query_sets}
+    for name, group, chosen in query_groups(setup):
+        query_set = setup.query_sets[name]
+        labels = [query_set.labels[i] for i in chosen]
+        share = float(np.mean([np.mean(setup.row_labels == label) for label in labels]))
+        group_rates = {"random selection (expected)": {k: share for k in TOP_KS}}
+        for method, similarity in query_set.similarities.items():
+            top = torch.topk(similarity[chosen], top_k, dim=1).indices
+            group_rates[method] = detection_rates(top, setup.row_labels, labels)
+        out[name][group] = group_rates
     return out
 
 
@@ -212,9 +214,6 @@ def measure(setup: Setup, run: Run) -> tuple[dict, dict]:
 @torch.no_grad()
 def image_loss(unet, image: torch.Tensor, draws: int = 256, seed: int = 123) -> float:
     """The training loss on one image, averaged over fixed (timestep, noise) draws."""
-    from diffusers import DDPMScheduler
-    import torch.nn.functional as F
-
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((draws, *image.shape[1:]), generator=generator)

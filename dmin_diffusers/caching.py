@@ -125,7 +125,7 @@ def cache_dataset(
     config = require_config(config)
     family = detect_family(pipeline)
     caption_column = check_dataset(dataset, image_column, caption_column, family.takes_prompt)
-    config = resolve_config(config or DMinConfig(), family)
+    config = resolve_config(config, family)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
     with contextlib.ExitStack() as held:
