@@ -3,13 +3,14 @@
 1. Compressor throughput (GB/s of float32 gradient consumed) of the streaming sketch, against a plain read of the
    same memory and against the paper's literal recipe (flatten, stored permutation, gather, signs, group sum),
    with peak working memory and persistent state.
-2. Caching cost per (row, timestep) against one plain training step (forward + backward) of the same model on
-   the same input (ideal: 1.0x).
+2. Caching cost per (row, timestep), one at a time and batched (``GradientSketcher.sketch_many``), each against
+   plain forward + backward passes of the same model on the same inputs and batch (ideal: 1.0x).
 3. Query latency of exact scoring and HNSW top-10 over N synthetic rows, HNSW recall@10 against exact, index
    build time and bytes per row.
 
     python benchmarks/speed.py --quick      # about a minute on a 2-core laptop
     python benchmarks/speed.py              # the full tables (N up to 100k; several minutes)
+    python benchmarks/speed.py --sd-size [--device cuda]   # caching at SD 1.5's size (speed_sd_size.py)
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ import time
 from functools import partial
 from pathlib import Path
 
-import hnswlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import dmin_diffusers as dm
+from dmin_diffusers.config import default_knn_dim
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
-from dmin_diffusers.search import KnnIndex, exact_top_k, knn_vectors
+from dmin_diffusers.gradients import MAX_BATCH_SAMPLES, GradientSketcher, resolve_config
+from dmin_diffusers.knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, sample_row_ids
+from dmin_diffusers.search import KNN_NAME, OVERSAMPLING, KnnIndex, approximate_top_k, exact_top_k
 from dmin_diffusers.sketch import SketchProjector
 from dmin_diffusers.store import (VectorStore, VectorStoreWriter, check_file_digest, file_record,
                                   merge_manifests)
@@ -36,6 +38,7 @@ from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 
 from common import (add_common_arguments, best_time, markdown_table, peak_memory_bytes, plot_path, setup_threads,
                     write_report)
+from speed_sd_size import plain_steps, sd_size_table
 
 GB = 1e9
 MIB = 2**20
@@ -157,15 +160,6 @@ def caching_models() -> list[tuple[str, object, str | None]]:
     ]
 
 
-def plain_steps(sketcher: GradientSketcher, example, tracked: list[torch.nn.Parameter]) -> None:
-    """One ordinary forward + backward per timestep of the config, of the same output and batch as DMin's
-    (gradients accumulated into ``.grad``), then the gradients are dropped."""
-    for position in range(len(sketcher.config.timesteps)):
-        sketcher.output(example, position).backward()
-    for p in tracked:
-        p.grad = None
-
-
 def caching_table(num_timesteps: int, dim: int, repeats: int) -> str:
     image = make_caption_dataset(1)[0]["image"]
     rows = []
@@ -173,29 +167,29 @@ def caching_table(num_timesteps: int, dim: int, repeats: int) -> str:
         family = detect_family(pipe)
         config = resolve_config(dm.DMinConfig(num_timesteps=num_timesteps, projection_dim=dim), family)
         sketcher = GradientSketcher(family, config)
-        example = sketcher.prepare(image, prompt)
-        tracked = [p for _, p in sketcher.parameters]
-        denoiser = family.denoiser
-        flags = [(p, p.requires_grad) for p in denoiser.parameters()]
-        denoiser.requires_grad_(False)
-        for p in tracked:
-            p.requires_grad_(True)
-
-        sketcher.sketch(example)  # warm-up (derives the codes)
-        base = best_time(partial(plain_steps, sketcher, example, tracked), repeats) / num_timesteps
-        sketch = best_time(partial(sketcher.sketch, example), repeats) / num_timesteps
-        flat = best_time(partial(sketcher.flat_gradients, example), repeats) / num_timesteps
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        size = sum(p.numel() for p in tracked)
-        rows.append([name, f"{size:,}", f"{base * 1e3:.1f}", f"{sketch * 1e3:.1f}", f"{sketch / base:.2f}x",
-                     f"{flat / base:.2f}x"])
-    header = (f"Batch of one row, T = {num_timesteps} timesteps, K = {dim}; per (row, timestep), best of "
-              f"{repeats}. The plain step is the forward + backward of the same model and input with gradients "
-              f"accumulated into `.grad` (no optimizer).\n\n")
+        examples = [sketcher.prepare(image, prompt)] * max(1, MAX_BATCH_SAMPLES // num_timesteps)
+        samples = len(examples) * num_timesteps
+        sketcher.sketch_many(examples)  # warm-up: derives the codes and measures the batch size
+        batch = sketcher._batch_samples
+        plain = best_time(partial(plain_steps, sketcher, examples[:1], 1), repeats) / num_timesteps
+        sequential = best_time(partial(sketcher.sketch_sequential, examples[0]), repeats) / num_timesteps
+        plain_batch = best_time(partial(plain_steps, sketcher, examples, batch), repeats) / samples
+        batched = best_time(partial(sketcher.sketch_many, examples), repeats) / samples
+        flat = best_time(partial(sketcher.flat_gradients, examples[0]), repeats) / num_timesteps
+        size = sketcher.projector.total
+        rows.append([name, f"{size:,}", f"{plain * 1e3:.1f}", f"{sequential * 1e3:.1f}", f"{sequential / plain:.2f}x",
+                     str(batch), f"{plain_batch * 1e3:.1f}", f"{batched * 1e3:.1f}", f"{batched / plain_batch:.2f}x",
+                     f"{sequential / batched:.2f}x", f"{flat / plain:.2f}x"])
+    header = (f"T = {num_timesteps} timesteps, K = {dim}; times per (row, timestep), best of {repeats}. The plain "
+              "steps are forward + backward passes of the same model, inputs and output function with gradients "
+              "accumulated into `.grad` (no optimizer): one sample per pass beside the one-at-a-time path, the "
+              "batched path's batch per pass beside it. The batched path differentiates "
+              f"{MAX_BATCH_SAMPLES // num_timesteps} rows' timesteps together (`GradientSketcher.sketch_many`, "
+              "default 1 GiB budget).\n\n")
     return header + markdown_table(
-        ["model", "tracked params", "plain fwd+bwd (ms)", "DMin cache (ms)", "DMin / plain",
-         "uncompressed `flat_gradients` / plain"],
+        ["model", "tracked params", "plain fwd+bwd, 1 sample (ms)", "DMin one-at-a-time (ms)",
+         "one-at-a-time / plain", "batch (samples)", "plain fwd+bwd of the batch (ms)", "DMin batched (ms)",
+         "batched / plain batch", "speed-up: one-at-a-time / batched", "uncompressed `flat_gradients` / plain"],
         rows,
     )
 
@@ -255,39 +249,15 @@ def write_store(directory: Path, num_rows: int, num_timesteps: int, dim: int, ce
     return VectorStore(directory)
 
 
-def build_knn(
-    store: VectorStore, num_timesteps: int, knn_dim: int, m: int = 32, ef_construction: int = 200
-) -> tuple[KnnIndex, torch.Tensor]:
-    """The package's ``KnnIndex.build`` on one thread (hnswlib otherwise uses every core); also returns the
-    folded vectors it indexed (rows in id order), to separate the loss of folding from the loss of HNSW."""
-    index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
-    index.init_index(max_elements=store.num_rows, M=m, ef_construction=ef_construction, random_seed=0)
-    folded = []
-    for row_ids, vectors in store.iter_chunks(8192):
-        vectors = knn_vectors(vectors, num_timesteps, knn_dim)
-        index.add_items(vectors, row_ids.numpy(), num_threads=1)
-        folded.append(torch.from_numpy(vectors))
-    return KnnIndex(index, num_timesteps, knn_dim), torch.cat(folded)
-
-
-def folded_top_k(folded: torch.Tensor, store: VectorStore, query: torch.Tensor, knn: KnnIndex, top_k: int,
-                 oversample: int) -> list[int]:
-    """What HNSW would return if its graph search were exact: the best folded candidates, re-ranked."""
-    folded_query = torch.from_numpy(knn_vectors(query.reshape(1, -1), knn.num_timesteps, knn.knn_dim))[0]
-    candidates = torch.topk(folded @ folded_query, top_k * oversample).indices.tolist()
-    scores = store.get_rows(candidates) @ query
-    return [candidates[i] for i in torch.argsort(scores, descending=True)[:top_k].tolist()]
-
-
-def hnsw_top_k(knn: KnnIndex, store: VectorStore, query: torch.Tensor, top_k: int, oversample: int) -> list[int]:
-    """HNSW candidates re-ranked on the stored rows, as ``AttributionIndex.search``."""
-    candidates = knn.candidates(query, top_k * oversample)
-    scores = store.get_rows(candidates) @ query
-    return [candidates[i] for i in torch.argsort(scores, descending=True)[:top_k].tolist()]
+def build_knn(store: VectorStore, num_timesteps: int, dim: int, knn_dim: int) -> KnnIndex:
+    """The HNSW index as ``AttributionIndex.build_knn`` makes it by default (principal components fitted on a
+    sample of the rows), on the benchmark's one thread."""
+    sample = store.get_rows(sample_row_ids(store.row_ids)).reshape(-1, num_timesteps, dim)
+    projection = fit_projection(sample, knn_dim, seed=0)
+    return KnnIndex.build(store, num_timesteps, knn_dim, projection=projection)
 
 
 def latency_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int, num_queries: int, workdir: Path):
-    oversample = 1 if knn_dim == dim else 4
     rows, points = [], []
     for n in sizes:
         generator = torch.Generator().manual_seed(n)
@@ -297,39 +267,37 @@ def latency_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int, 
         store = write_store(workdir / f"store-{n}", n, num_timesteps, dim, centres)
         write_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        knn, folded = build_knn(store, num_timesteps, knn_dim)
+        knn = build_knn(store, num_timesteps, dim, knn_dim)
         build_seconds = time.perf_counter() - start
-        knn_path = workdir / f"knn-{n}.bin"
-        knn.save(knn_path)
-        exact_times, hnsw_times, recalls, fold_recalls = [], [], [], []
+        knn_directory = workdir / f"knn-{n}"
+        knn_directory.mkdir()
+        knn.save(knn_directory)
+        exact_times, hnsw_times, recalls = [], [], []
         for query in queries:
             start = time.perf_counter()
             exact, _ = exact_top_k(store, query, 10)
             exact_times.append(time.perf_counter() - start)
             start = time.perf_counter()
-            approx = hnsw_top_k(knn, store, query, 10, oversample)
+            approx, _ = approximate_top_k(knn, store, query, 10, dim)
             hnsw_times.append(time.perf_counter() - start)
             recalls.append(len(set(exact) & set(approx)) / 10)
-            fold_recalls.append(len(set(exact) & set(folded_top_k(folded, store, query, knn, 10, oversample))) / 10)
         exact_ms, hnsw_ms = 1e3 * float(np.median(exact_times)), 1e3 * float(np.median(hnsw_times))
         points.append((n, exact_ms, hnsw_ms))
         rows.append([
             f"{n:,}", f"{exact_ms:.1f}", f"{hnsw_ms:.2f}", f"{exact_ms / hnsw_ms:.1f}x", f"{np.mean(recalls):.3f}",
-            f"{np.mean(fold_recalls):.3f}",
             f"{write_seconds:.1f}", f"{build_seconds:.1f}", f"{store.nbytes / n:,.0f}",
-            f"{knn_path.stat().st_size / n:,.0f}",
+            f"{(knn_directory / KNN_NAME).stat().st_size / n:,.0f}",
         ])
     header = (
         f"Synthetic clustered rows (N / {ROWS_PER_CLUSTER} clusters), T = {num_timesteps}, K = {dim} stored as "
-        f"float16; HNSW over the nested sketch folded to knn_dim = {knn_dim} per timestep (M = 32, "
-        f"ef_construction = 200, one thread), {oversample * 10} candidates re-ranked exactly on the stored rows. "
-        f"Median over {num_queries} queries. "
+        f"float16; the default HNSW index: {knn_dim} principal components per timestep fitted on up to 4,096 rows "
+        f"(M = 32, ef_construction = 200, one thread), {OVERSAMPLING * 10} candidates re-ranked exactly on the "
+        f"stored rows (`search.approximate_top_k`, as `AttributionIndex.search`). Median over {num_queries} queries. "
         f"HNSW memory is the size of its saved graph + vectors (hnswlib holds the same in RAM); exact scoring "
         f"streams the shards in chunks of 8,192 rows and holds no index in memory.\n\n"
     )
     table = header + markdown_table(
-        ["N rows", "exact top-10 (ms)", "HNSW top-10 (ms)", "exact / HNSW", "HNSW recall@10",
-         "recall@10 of exact search on folded rows", "write rows (s)",
+        ["N rows", "exact top-10 (ms)", "HNSW top-10 (ms)", "exact / HNSW", "HNSW recall@10", "write rows (s)",
          "HNSW build (s)", "disk bytes/row", "HNSW bytes/row (RAM)"],
         rows,
     )
@@ -341,12 +309,12 @@ def integrity_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int
     the first exact query and the first HNSW query of a freshly opened index (when each shard's sha256 is checked
     once and ``knn.bin``'s at load; every read row is checked for NaN / inf), and a later HNSW query, each with
     the checks and without them (the behaviour before they existed)."""
-    oversample = 1 if knn_dim == dim else 4
     rows = []
     for n in sizes:
-        directory, knn_path = workdir / f"store-{n}", workdir / f"knn-{n}.bin"
+        directory, knn_path = workdir / f"store-{n}", workdir / f"knn-{n}" / KNN_NAME
+        projection_path = knn_path.parent / KNN_PROJECTION_NAME
         query = synthetic_rows(1, num_timesteps, dim, torch.randn(1, num_timesteps, dim), seed=7)[0]
-        knn_record = file_record(knn_path)
+        knn_record, projection_record = file_record(knn_path), file_record(projection_path)
         timings = {}
         for verify in (False, True):
             start = time.perf_counter()
@@ -359,17 +327,19 @@ def integrity_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int
             store = VectorStore(directory, verify=verify)
             if verify:
                 check_file_digest(knn_path, knn_record, knn_path.name)
-            knn = KnnIndex.load(knn_path, num_timesteps, knn_dim, n)
-            hnsw_top_k(knn, store, query, 10, oversample)
+                check_file_digest(projection_path, projection_record, projection_path.name)
+            projection = load_projection(projection_path, num_timesteps, dim, knn_dim)
+            knn = KnnIndex.load(knn_path, num_timesteps, knn_dim, n, projection)
+            approximate_top_k(knn, store, query, 10, dim)
             first_hnsw = time.perf_counter() - start
-            later_hnsw = best_time(partial(hnsw_top_k, knn, store, query, 10, oversample), 5)
+            later_hnsw = best_time(partial(approximate_top_k, knn, store, query, 10, dim), 5)
             timings[verify] = (opened, first_exact, first_hnsw, later_hnsw)
         cells = [f"{n:,}"]
         for phase in range(4):
             before, after = timings[False][phase], timings[True][phase]
             cells += [f"{1e3 * before:.1f} / {1e3 * after:.1f}", f"{after / before:.2f}x"]
         rows.append(cells)
-    phases = ["open store", "first exact query", "first HNSW query (load knn.bin)", "later HNSW query"]
+    phases = ["open store", "first exact query", "first HNSW query (load the HNSW files)", "later HNSW query"]
     headers = ["N rows"] + [h for phase in phases for h in (f"{phase}: ms without / with checks", "ratio")]
     return ("Same stores and HNSW files as the latency table (float16 rows of T x K values in shards of 8,192 rows). "
             "Opening an `AttributionIndex` also hashes its two small JSON files (config and dataset reference).\n\n"
@@ -401,8 +371,18 @@ def main() -> None:
     add_common_arguments(parser, "small sizes, about a minute")
     parser.add_argument("--only", default="compressor,caching,latency",
                         help="comma-separated sections to run (default all: compressor,caching,latency)")
+    parser.add_argument("--sd-size", action="store_true",
+                        help="only the caching table at SD 1.5's size (860M parameters; ~30 min on a CPU)")
+    parser.add_argument("--device", default="cpu", help="device of the --sd-size table (e.g. cuda)")
+    parser.add_argument("--latency-dim", type=int, default=256,
+                        help="K of the latency tables' rows (the package default is 4096: 8 GB at 100k rows)")
     args = parser.parse_args()
     setup_threads(args.threads)
+    if args.sd_size:
+        device = args.device
+        write_report(f"speed-sd-size-{device.split(':')[0]}", [("Caching cost at Stable Diffusion 1.5's size",
+                                                                  sd_size_table(device))], False, args.results_dir)
+        return
     quick = args.quick
     chosen = {name.strip() for name in args.only.split(",")}
     sections = []
@@ -419,8 +399,9 @@ def main() -> None:
     if "latency" in chosen:
         sizes = [1000, 10000] if quick else [1000, 10000, 100000]
         with tempfile.TemporaryDirectory(prefix="dmin-speed-") as workdir:
-            table, points = latency_table(sizes, 10, 256, 64, 10 if quick else 20, Path(workdir))
-            integrity = integrity_table(sizes, 10, 256, 64, Path(workdir))
+            dim = args.latency_dim
+            table, points = latency_table(sizes, 10, dim, default_knn_dim(dim), 10 if quick else 20, Path(workdir))
+            integrity = integrity_table(sizes, 10, dim, default_knn_dim(dim), Path(workdir))
         sections.append(("Query latency", table))
         sections.append(("Integrity checks: cost on open and on the first query", integrity))
         plot = plot_path("query_latency", quick, args.results_dir)

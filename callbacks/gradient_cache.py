@@ -8,6 +8,7 @@ from argparse import Namespace
 from typing import Any
 
 from dmin_diffusers.caching import cache_dataset, require_dataset
+from dmin_diffusers.gradients import DEFAULT_BATCH_BYTES
 from dmin_diffusers.config import DMinConfig, require_config
 from dmin_diffusers.index import AttributionIndex
 from dmin_diffusers.mixin import enable_attribution
@@ -29,6 +30,8 @@ class GradientCacheCallback:
         image_column, caption_column: dataset columns (the caption is ignored for unconditional models).
         dataset_args: the training script's dataset arguments (``dataset_name``, ``train_data_dir``,
             ``max_train_samples``, ``seed``, ...), used to load the rows when ``on_train_end`` gets no dataset.
+        batch_bytes: memory budget of one batched backward while caching (see
+            :func:`~dmin_diffusers.caching.cache_dataset`).
     """
 
     def __init__(
@@ -38,8 +41,10 @@ class GradientCacheCallback:
         image_column: str = "image",
         caption_column: str | None = "text",
         dataset_args: dict[str, Any] | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ):
         self.output_dir = output_dir
+        self.batch_bytes = batch_bytes
         self.config = require_config(config)
         self.image_column, self.caption_column = image_column, caption_column
         self.dataset_args = dataset_args or {}
@@ -103,6 +108,7 @@ class GradientCacheCallback:
             self.caption_column,
             accelerator=accelerator,
             dataset_reference=dataset_reference(**self.dataset_args),
+            batch_bytes=self.batch_bytes,
         )
         pipeline.load_attribution_index(index)
         return index

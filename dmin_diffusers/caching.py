@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from .config import DMinConfig, require_config
 from .families import detect_family
-from .gradients import GradientSketcher, resolve_config
+from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, resolve_config
 from .index import AttributionIndex, check_not_foreign, describe_dataset, prepare_index_directory
 from .locks import index_write_lock
 from .store import VectorStoreWriter, merge_manifests
@@ -113,13 +113,16 @@ def cache_dataset(
     accelerator: Any = None,
     dataset_reference: dict[str, Any] | None = None,
     progress: bool = True,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
 ) -> AttributionIndex:
     """Writes the DMin vectors of every row of ``dataset`` to ``output_dir`` and builds the HNSW index.
 
     Rows already in ``output_dir`` (from an interrupted run with the same settings) are skipped. With an
     ``accelerate.Accelerator`` (or ``PartialState``) of N processes, each process caches a contiguous slice of
     the remaining rows into its own shards, and the main process merges them and builds the HNSW index once.
-    Every process returns the finished index. The main process holds the directory's write lock
+    Every process returns the finished index. The timesteps of several rows are differentiated in one batched
+    backward of at most ``batch_bytes`` (see :class:`~dmin_diffusers.gradients.GradientSketcher`; ``0`` computes
+    one (row, timestep) at a time). The main process holds the directory's write lock
     (:func:`~dmin_diffusers.locks.index_write_lock`) throughout, so another build or save there is refused.
     """
     config = require_config(config)
@@ -138,7 +141,7 @@ def cache_dataset(
         if not is_main:  # the main process has checked the directory; the others only need it to match
             prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
                                                                          dataset_reference))
-        sketcher = GradientSketcher(family, config)
+        sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
         writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size,
                                    name=f"part-{rank:03d}-of-{world:03d}")
         remaining = [row for row in range(len(dataset)) if row not in writer.done]
@@ -150,17 +153,24 @@ def cache_dataset(
             unit="row", desc="Caching DMin gradients", smoothing=0.1,
         )
         start = time.perf_counter()
+        position, group_size = 0, 1  # the first row alone: it measures how many samples fit one batch
         try:
-            for row_id in mine:
-                row = rows[row_id]
+            while position < len(mine):
+                group = mine[position : position + group_size]
+                position += len(group)
+                examples = []
                 try:
-                    example = sketcher.prepare(row[image_column], row[caption_column] if caption_column else None)
-                    writer.add(row_id, sketcher.sketch(example))
-                except Exception as error:
-                    if hasattr(error, "add_note"):  # Python 3.11+
-                        error.add_note(f"(while caching row {row_id}; the rows finished before it are kept)")
+                    for row_id in group:
+                        with _naming_rows([row_id]):
+                            row = rows[row_id]
+                            caption = row[caption_column] if caption_column else None
+                            examples.append(sketcher.prepare(row[image_column], caption))
+                except Exception:
+                    _write_rows(sketcher, writer, group, examples)  # the rows before the failing one are kept
                     raise
-                bar.update(world)  # the other processes advance at about the same pace
+                _write_rows(sketcher, writer, group, examples)
+                bar.update(world * len(group))  # the other processes advance at about the same pace
+                group_size = max(1, sketcher.batch_samples // len(config.timesteps))  # rows that share a backward
         finally:
             writer.flush()  # keep every finished row, even when a row fails
             bar.close()
@@ -179,6 +189,27 @@ def cache_dataset(
                 print(message)
     _wait(accelerator)
     return AttributionIndex(output_dir, dataset=dataset)
+
+
+def _write_rows(sketcher: GradientSketcher, writer: VectorStoreWriter, row_ids: list[int], examples: list) -> None:
+    """Sketches the prepared ``examples`` (the first rows of ``row_ids``) and hands them to the writer."""
+    if examples:
+        with _naming_rows(row_ids[: len(examples)]):
+            vectors = sketcher.sketch_many(examples, same_size_batches=True)
+        for row_id, row_vectors in zip(row_ids, vectors):
+            writer.add(row_id, row_vectors)
+
+
+@contextlib.contextmanager
+def _naming_rows(row_ids: list[int]):
+    """Adds the failing row (or rows, for a batch) to an exception's notes."""
+    try:
+        yield
+    except Exception as error:
+        if hasattr(error, "add_note"):  # Python 3.11+
+            what = f"row {row_ids[0]}" if len(row_ids) == 1 else f"rows {row_ids[0]} to {row_ids[-1]}"
+            error.add_note(f"(while caching {what}; the rows finished before it are kept)")
+        raise
 
 
 def _wait(accelerator: Any) -> None:

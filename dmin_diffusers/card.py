@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, constants
 
+from .search import KNN_FILES
+
 if TYPE_CHECKING:
     from .index import AttributionIndex
 
@@ -87,7 +89,7 @@ def make_index_card(
     config, info, manifest = index.config, index.dataset_info, index.manifest or {}
     files = manifest.get("files", {})
     shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
-    knn_bytes = int(files.get("knn.bin", {}).get("bytes", 0))
+    knn_bytes = sum(int(files.get(name, {}).get("bytes", 0)) for name in KNN_FILES)
     total_bytes = sum((index.directory / name).stat().st_size for name in index.files())
     num_rows = int(info.get("num_rows") or index.num_rows)
     dataset_name = info.get("name")
@@ -96,6 +98,7 @@ def make_index_card(
         "timesteps": config.timesteps,
         "projection_dim": config.projection_dim,
         "knn_dim": index.knn_dim,
+        "knn_projection": config.knn_projection,
         "seed": config.seed,
         "objective": config.objective,
         "family": config.family,
@@ -138,12 +141,12 @@ def make_index_card(
         ("training objective", config.objective),
         ("resolution", config.resolution),
         ("HNSW", f"inner product, M={config.hnsw_m}, ef_construction={config.hnsw_ef_construction}, "
-                 f"{index.knn_dim} values per timestep"),
+                 f"{index.knn_dim} values per timestep ({config.knn_projection})"),
     ]
     storage_rows = [
         ("rows x values", f"{index.num_rows:,} x {config.row_dim:,} ({config.storage_dtype})"),
         ("vector shards", f"{len(manifest.get('shards', []))} safetensors files, {_megabytes(shard_bytes)}"),
-        ("HNSW file", _megabytes(knn_bytes) if knn_bytes else "not included (rebuilt on first use)"),
+        ("HNSW files", _megabytes(knn_bytes) if knn_bytes else "not included (rebuilt on first use)"),
         ("total", _megabytes(total_bytes)),
     ]
     body = f"""

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 
-from .config import NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS
+from .config import KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS
+from .gradients import DEFAULT_BATCH_BYTES
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -58,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     # DMin settings: None leaves DMinConfig's default, so the defaults live in one place
     cache.add_argument("--num_timesteps", type=int, default=None)
     cache.add_argument("--projection_dim", type=int, default=None)
-    cache.add_argument("--knn_dim", type=int, default=None)
+    cache.add_argument("--knn_dim", type=int, default=None, help="HNSW values per timestep (default 64)")
+    cache.add_argument("--knn_projection", default=None, choices=list(KNN_PROJECTIONS),
+                       help="how rows become HNSW vectors (default pca)")
     cache.add_argument("--dmin_seed", type=int, default=None, help="seed of the fixed noise and the compressor")
     cache.add_argument("--storage_dtype", default=None, choices=list(STORAGE_DTYPES))
     cache.add_argument("--tracked_parameters", nargs="*", default=None, help="fnmatch patterns of parameter names")
@@ -68,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--timestep_spacing", default=None, choices=list(TIMESTEP_SPACINGS))
     cache.add_argument("--noise", default=None, choices=list(NOISE_MODES))
     cache.add_argument("--noise_draws", type=int, default=None)
+    cache.add_argument("--batch_memory_mb", type=float, default=DEFAULT_BATCH_BYTES / 2**20,
+                       help="memory budget of one batched backward (per-sample gradients and activations; "
+                       "default %(default)g; 0: one (row, timestep) at a time)")
     cache.add_argument("--paper_recipe", action="store_true",
                        help="the DMin paper's exact recipe (DMinConfig.paper()) instead of the measured default")
 
@@ -149,9 +155,10 @@ def run_cache(args: argparse.Namespace) -> None:
     # the settings are checked before the dataset and the pipeline are loaded
     settings = {
         "num_timesteps": args.num_timesteps, "projection_dim": args.projection_dim, "seed": args.dmin_seed,
-        "knn_dim": args.knn_dim, "storage_dtype": args.storage_dtype, "tracked_parameters": args.tracked_parameters,
-        "shard_size": args.shard_size, "output_function": args.output_function,
-        "timestep_spacing": args.timestep_spacing, "noise": args.noise, "noise_draws": args.noise_draws,
+        "knn_dim": args.knn_dim, "knn_projection": args.knn_projection, "storage_dtype": args.storage_dtype,
+        "tracked_parameters": args.tracked_parameters, "shard_size": args.shard_size,
+        "output_function": args.output_function, "timestep_spacing": args.timestep_spacing, "noise": args.noise,
+        "noise_draws": args.noise_draws,
     }
     settings = {key: value for key, value in settings.items() if value is not None}
     config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(
@@ -175,7 +182,7 @@ def run_cache(args: argparse.Namespace) -> None:
     pipeline = load_pipeline(args)
     cache_dataset(
         pipeline, dataset, args.output_dir, config, args.image_column, args.caption_column, accelerator=state,
-        dataset_reference=reference,
+        dataset_reference=reference, batch_bytes=int(args.batch_memory_mb * 2**20),
     )
 
 

@@ -20,7 +20,12 @@ TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
 #: one noise tensor for every timestep (the paper), or one of its own per timestep
 NOISE_MODES = ("shared", "per_timestep")
 CONFIG_NAME = "dmin_config.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded)
+#: how rows become HNSW vectors: "pca", per-timestep principal components (knn_projection.py); "fold", the nested
+#: sketch of size knn_dim
+KNN_PROJECTIONS = ("pca", "fold")
+#: HNSW values per timestep unless knn_dim says otherwise (chosen in benchmarks/knn_recall.py)
+DEFAULT_KNN_DIM = 64
 #: the paper's recipe; also what an index written before these fields existed (format 1) was built with
 PAPER_RECIPE = {"output_function": "loss", "timestep_spacing": "centres", "noise": "shared", "noise_draws": 1}
 
@@ -31,6 +36,11 @@ MAX_SEED = 2**63 - 1
 #: and an ``ef_construction`` beyond 100,000 only slows the build down
 HNSW_M_RANGE = (2, 1024)
 HNSW_EF_CONSTRUCTION_RANGE = (1, 100_000)
+
+
+def default_knn_dim(projection_dim: int) -> int:
+    """The default per-timestep HNSW size for ``K = projection_dim``: ``DEFAULT_KNN_DIM``, or ``K`` if smaller."""
+    return min(DEFAULT_KNN_DIM, projection_dim)
 
 
 def _is_power_of_two(value: int) -> bool:
@@ -99,8 +109,12 @@ class DMinConfig:
         center_crop: crop the center after resizing (otherwise the top-left corner), as the training scripts.
         max_sequence_length: T5 prompt length for SD3 (default 77, as diffusers' SD3 training scripts).
         storage_dtype: dtype of the stored vectors.
-        knn_dim: per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; smaller values
-            shrink the in-memory index and are re-ranked exactly on the stored ``K``-dimensional rows.
+        knn_dim: per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; by default 64
+            (:func:`default_knn_dim`). The HNSW index proposes candidates that are re-ranked exactly on the stored
+            ``K``-dimensional rows.
+        knn_projection: how a row's ``K`` values per timestep become ``knn_dim``: ``"pca"``, their projection
+            on the leading principal components of the stored rows (fitted when the HNSW index is built, saved
+            beside it); ``"fold"``, the nested sketch (sums of ``K / knn_dim`` adjacent buckets).
         hnsw_m, hnsw_ef_construction: HNSW graph parameters, ``2 <= hnsw_m <= 1024`` and
             ``1 <= hnsw_ef_construction <= 100000`` (``HNSW_M_RANGE``, ``HNSW_EF_CONSTRUCTION_RANGE``).
         shard_size: rows per file on disk.
@@ -131,6 +145,7 @@ class DMinConfig:
     max_sequence_length: int | None = None
     storage_dtype: str = "float16"
     knn_dim: int | None = None
+    knn_projection: str = "pca"
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     shard_size: int = 1024
@@ -182,7 +197,7 @@ class DMinConfig:
                     f"timesteps has {len(self.timesteps)} values but num_timesteps is {self.num_timesteps}"
                 )
         for name, allowed in (("output_function", OUTPUT_FUNCTIONS), ("timestep_spacing", TIMESTEP_SPACINGS),
-                              ("noise", NOISE_MODES)):
+                              ("noise", NOISE_MODES), ("knn_projection", KNN_PROJECTIONS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -244,8 +259,12 @@ class DMinConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown DMinConfig fields {unknown}; was this index written by a newer version?")
-        if values.get("format_version", 1) < 2:  # written before the recipe fields: built with the paper's recipe
+        version = values.get("format_version", 1)
+        if version < 2:  # written before the recipe fields: built with the paper's recipe
             values = {**PAPER_RECIPE, **values}
+        if version < 3:  # then, the HNSW vectors were folded, and no knn_dim meant the full K
+            knn_dim = values.get("knn_dim") or values.get("projection_dim", cls.projection_dim)
+            values = {**values, "knn_projection": "fold", "knn_dim": knn_dim}
         return cls(**values)
 
     def to_json_file(self, path: str | os.PathLike) -> None:

@@ -1,8 +1,10 @@
-"""Per-sample loss gradients over the ``T`` timesteps, streamed straight into the sketch.
+"""Per-sample gradients over the ``T`` timesteps, compressed into the sketch.
 
-Each tracked parameter gets a post-accumulate-grad hook that adds its gradient to the sketch and to the
-squared norm, then frees it, so at most one parameter's gradient exists at a time and the flattened
-gradient is never built.
+Two paths give the same vectors (to float tolerance). Batched: the samples of one or more examples go through
+one ``torch.func.vmap(torch.func.grad(...))`` call and each per-sample gradient is added to its own sketch.
+One at a time: each tracked parameter gets a post-accumulate-grad hook that adds its gradient to the sketch and
+to the squared norm, then frees it, so at most one parameter's gradient exists at a time; the flattened gradient
+is never built on either path.
 """
 
 from __future__ import annotations
@@ -10,8 +12,10 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import DMinConfig
+from .config import DMinConfig, default_knn_dim
 from .families import SD3_DEFAULT_MAX_SEQUENCE_LENGTH, PipelineFamily
 from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fingerprint
 from .inputs import ImageInput, preprocess_image
@@ -27,6 +31,7 @@ from .objectives import make_objective, spread_timesteps
 from .sketch import SketchProjector
 
 NamedParameters = list[tuple[str, torch.nn.Parameter]]
+logger = logging.getLogger(__name__)
 
 
 def select_tracked_parameters(denoiser: torch.nn.Module, patterns: list[str] | None = None) -> NamedParameters:
@@ -142,12 +147,56 @@ class PreparedExample:
     conditioning: dict[str, torch.Tensor]
 
 
-class GradientSketcher:
-    """Computes the ``(T, K)`` DMin vectors of examples for one pipeline and one resolved config."""
+@dataclass
+class _DenoiserInputs:
+    """One (example, timestep) sample noised with the fixed noise: ``noise_draws`` copies of each input."""
 
-    def __init__(self, family: PipelineFamily, config: DMinConfig, code_cache_bytes: int = 1 << 31):
+    noisy: torch.Tensor
+    model_timestep: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+    target: torch.Tensor
+
+
+class _Prediction(torch.nn.Module):
+    """The family's prediction call as a module, so ``torch.func.functional_call`` can swap the tracked
+    parameters (named ``denoiser.<name>``) for the ones being differentiated."""
+
+    def __init__(self, family: PipelineFamily):
+        super().__init__()
+        self.denoiser = family.denoiser
+        self._predict = family.predict
+
+    def forward(self, noisy: torch.Tensor, model_timestep: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        return self._predict(noisy.to(self.denoiser.dtype), model_timestep, conditioning).float()
+
+
+#: default memory budget of one batched backward (per-sample gradients plus the activations kept for backward)
+DEFAULT_BATCH_BYTES = 1 << 30
+#: at most this many (row, timestep) samples per batched backward: beyond it the CPU gains nothing measurable
+MAX_BATCH_SAMPLES = 128
+
+
+class GradientSketcher:
+    """Computes the ``(T, K)`` DMin vectors of examples for one pipeline and one resolved config.
+
+    The ``T`` timesteps of an example (and several examples, see :meth:`sketch_many`) are differentiated in one
+    batched forward and backward with ``torch.func`` (``vmap`` of ``grad``), each sample's gradient sketched and
+    normalised on its own. ``batch_bytes`` bounds the memory of one batch (the per-sample gradients and the
+    activations autograd keeps, measured on the first example); ``0``, or a model that ``vmap`` cannot batch,
+    takes the one-at-a-time path (:meth:`sketch_sequential`), whose memory is one gradient of one parameter.
+    """
+
+    def __init__(
+        self,
+        family: PipelineFamily,
+        config: DMinConfig,
+        code_cache_bytes: int | None = None,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
+    ):
         if not config.is_resolved:
             raise ValueError("the config must be resolved against the pipeline first")
+        if batch_bytes < 0:
+            raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
         self.family = family
         self.config = config
         self.parameters = select_tracked_parameters(family.denoiser, config.tracked_parameters)
@@ -155,9 +204,18 @@ class GradientSketcher:
         self.projector = SketchProjector(
             [p.numel() for _, p in self.parameters], config.projection_dim, config.seed, code_cache_bytes
         )
+        self.batch_bytes = batch_bytes
+        self._batch_samples: int | None = None if batch_bytes else 1
+        self._prediction = _Prediction(family)
         self._noise: list[torch.Tensor] = []
         self._accumulator: torch.Tensor | None = None
         self._squared_norm: torch.Tensor | None = None
+
+    @property
+    def batch_samples(self) -> int:
+        """Samples per batched backward: measured on the first example sketched (1 until then, and on the
+        one-at-a-time path)."""
+        return self._batch_samples or 1
 
     def prepare(self, image: ImageInput, prompt: str | None) -> PreparedExample:
         """Preprocesses and encodes one (image, prompt) pair exactly as for training rows."""
@@ -182,21 +240,27 @@ class GradientSketcher:
             self._noise = [torch.randn(shape, generator=generator, dtype=torch.float32) for _ in range(count)]
         return self._noise[position if self.config.noise == "per_timestep" else 0].to(latents.device)
 
-    def output(self, example: PreparedExample, position: int) -> torch.Tensor:
-        """The scalar whose gradient DMin takes at the ``position``-th timestep: the config's output function of
-        the denoiser's prediction for the example noised with the fixed noise, averaged over the noise draws."""
+    def _inputs(self, example: PreparedExample, position: int) -> _DenoiserInputs:
         noise = self.noise(example.latents, position)
         draws = noise.shape[0]
         latents = example.latents.expand(draws, *example.latents.shape[1:])
         conditioning = {key: value.expand(draws, *value.shape[1:]) for key, value in example.conditioning.items()}
         noised = self.objective.noised(latents, noise, self.config.timesteps[position])
-        denoiser_dtype = self.family.denoiser.dtype
-        prediction = self.family.predict(noised.noisy.to(denoiser_dtype), noised.model_timestep, conditioning).float()
+        return _DenoiserInputs(noised.noisy, noised.model_timestep, conditioning, noised.target.float())
+
+    def _reduce(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The output function of a prediction of ``noise_draws`` copies, averaged over the draws."""
         if self.config.output_function == "squared_norm":
-            return prediction.square().sum() / draws
+            return prediction.square().sum() / prediction.shape[0]
         if self.config.output_function == "mean":
             return prediction.mean()
-        return F.mse_loss(prediction, noised.target.float())
+        return F.mse_loss(prediction, target)
+
+    def output(self, example: PreparedExample, position: int) -> torch.Tensor:
+        """The scalar whose gradient DMin takes at the ``position``-th timestep: the config's output function of
+        the denoiser's prediction for the example noised with the fixed noise, averaged over the noise draws."""
+        inputs = self._inputs(example, position)
+        return self._reduce(self._prediction(inputs.noisy, inputs.model_timestep, inputs.conditioning), inputs.target)
 
     @contextmanager
     def _tracking(self, streaming: bool) -> Iterator[None]:
@@ -237,6 +301,86 @@ class GradientSketcher:
 
     def sketch(self, example: PreparedExample) -> torch.Tensor:
         """The ``(T, K)`` float32 matrix of L2-normalised, compressed gradients (on the CPU)."""
+        return self.sketch_many([example])[0]
+
+    def sketch_many(self, examples: list[PreparedExample], same_size_batches: bool = False) -> torch.Tensor:
+        """The ``(N, T, K)`` DMin vectors of ``N`` examples, their ``N * T`` samples differentiated in batches
+        that fit ``batch_bytes`` (one at a time where they do not, or where the model cannot be batched).
+
+        Float results depend on the batch size (the kernels round differently), not on a sample's neighbours.
+        ``same_size_batches=True`` pads a short last batch with repeats of its last sample, so an example's
+        vector is bit-identical however examples are grouped (a resumed or multi-process cache)."""
+        if not examples:
+            return torch.zeros(0, len(self.config.timesteps), self.config.projection_dim)
+        if self._batch_samples is None:
+            self._batch_samples = self._measure_batch_samples(examples[0])
+        if self._batch_samples <= 1:
+            return torch.stack([self.sketch_sequential(example) for example in examples])
+        positions = range(len(self.config.timesteps))
+        samples = [(example, position) for example in examples for position in positions]
+        try:
+            rows = []
+            for start in range(0, len(samples), self._batch_samples):
+                batch = samples[start : start + self._batch_samples]
+                padding = self._batch_samples - len(batch) if same_size_batches else 0
+                rows.append(self._sketch_batch(batch + batch[-1:] * padding)[: len(batch)])
+        except Exception as error:  # noqa: BLE001 - whatever vmap refuses, the sequential path computes the same
+            logger.warning(
+                "per-sample gradients could not be batched with torch.func.vmap (%s: %s); computing them one "
+                "(example, timestep) at a time", type(error).__name__, error,
+            )
+            self._batch_samples = 1
+            return self.sketch_many(examples, same_size_batches)
+        return torch.cat(rows).reshape(len(examples), len(positions), -1)
+
+    def _measure_batch_samples(self, example: PreparedExample) -> int:
+        """How many samples fit ``batch_bytes``: per sample, its float32 gradients of the tracked parameters and
+        the bytes of every tensor autograd saves for backward in one forward (measured here, on ``example``)."""
+        saved = 0
+
+        def count(tensor: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with self._tracking(streaming=False), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            self.output(example, 0)
+        per_sample = saved + 4 * self.projector.total
+        samples = max(1, min(MAX_BATCH_SAMPLES, self.batch_bytes // per_sample))
+        timesteps = len(self.config.timesteps)
+        return samples - samples % timesteps if samples >= timesteps else samples  # whole rows: no padding
+
+    def _sketch_batch(self, samples: list[tuple[PreparedExample, int]]) -> torch.Tensor:
+        """``(B, K)`` normalised sketches of ``B`` samples from one ``vmap(grad(...))`` call."""
+        inputs = [self._inputs(example, position) for example, position in samples]
+        noisy = torch.stack([i.noisy for i in inputs])
+        model_timestep = torch.stack([i.model_timestep for i in inputs])
+        target = torch.stack([i.target for i in inputs])
+        conditioning = {key: torch.stack([i.conditioning[key] for i in inputs]) for key in inputs[0].conditioning}
+        tracked = {f"denoiser.{name}": p.detach() for name, p in self.parameters}
+
+        def sample_output(params, noisy, model_timestep, conditioning, target):
+            prediction = torch.func.functional_call(self._prediction, params, (noisy, model_timestep, conditioning))
+            return self._reduce(prediction, target)
+
+        with self._tracking(streaming=False), torch.no_grad(), warnings.catch_warnings():
+            # vmap loops over the samples for ops without a batching rule (CPU fused attention) and says so
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
+            gradients = torch.func.vmap(torch.func.grad(sample_output), in_dims=(None, 0, 0, 0, 0))(
+                tracked, noisy, model_timestep, conditioning, target
+            )
+        accumulators = self.projector.new_accumulator(noisy.device, batch=len(samples))
+        squared_norms = torch.zeros(len(samples), dtype=torch.float32, device=noisy.device)
+        for index, (name, _) in enumerate(self.parameters):
+            gradient = gradients.pop(f"denoiser.{name}")
+            self.projector.accumulate_batch(accumulators, index, gradient)
+            squared_norms += gradient.reshape(len(samples), -1).float().square().sum(dim=1)
+        sketches = self.projector.finalize(accumulators)
+        return (sketches / squared_norms.sqrt().clamp_min(1e-30)[:, None]).cpu()
+
+    def sketch_sequential(self, example: PreparedExample) -> torch.Tensor:
+        """:meth:`sketch` one timestep at a time: one backward per timestep, each parameter's gradient streamed
+        into the sketch by a hook as autograd produces it (the path for models too large to batch)."""
         device = example.latents.device
         self._accumulator = self.projector.new_accumulator(device)
         self._squared_norm = torch.zeros((), dtype=torch.float32, device=device)
@@ -266,8 +410,8 @@ class GradientSketcher:
 
 def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
     """Fills in the fields that come from the pipeline: family, objective, timesteps, resolution, the tracked
-    parameters with their value digests and fingerprint, and the denoiser and objective fingerprints. Fields
-    already set are kept (and validated)."""
+    parameters with their value digests and fingerprint, and the denoiser and objective fingerprints; and
+    ``knn_dim``, when unset, with its default. Fields already set are kept (and validated)."""
     objective = make_objective(family.pipeline.scheduler, config.objective)
     num_train = objective.num_train_timesteps
     timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train, config.timestep_spacing)
@@ -291,6 +435,7 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
         timesteps=list(timesteps),
         resolution=resolution,
         max_sequence_length=max_sequence_length,
+        knn_dim=config.knn_dim or default_knn_dim(config.projection_dim),
         parameters=description,
         parameter_fingerprint=parameter_fingerprint(description, digests),
         parameter_digests=digests,

@@ -31,13 +31,13 @@ from huggingface_hub import (
 from huggingface_hub.utils import validate_hf_hub_args
 
 from .config import CONFIG_NAME
+from .search import KNN_FILES
 from .store import MANIFEST_NAME, SHARD_DIR, manifest_entries, read_manifest
 
 logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "dmin-diffusers"
 DATASET_INFO_NAME = "dataset.json"
-KNN_NAME = "knn.bin"
 CARD_NAME = "README.md"
 METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME)
 DEFAULT_MAX_COMMIT_BYTES = 1 << 30
@@ -136,7 +136,7 @@ def download_index(
         return location
     manifest = read_manifest(directory)
     data = [_prefixed(subfolder, name) for name in manifest_entries(manifest) if name not in METADATA_FILES]
-    data.append(_prefixed(subfolder, KNN_NAME))  # optional: the HNSW file can be rebuilt from the rows
+    data += [_prefixed(subfolder, name) for name in KNN_FILES]  # optional: the HNSW files are rebuilt from the rows
     snapshot_download(repo_id, revision=commit or revision, allow_patterns=sorted(set(data)),
                       force_download=force_download, max_workers=8, **common)
     return location
@@ -170,7 +170,7 @@ def _same_file(remote: RepoFile | None, path: Path, record: dict | None) -> bool
 
 
 def _is_index_file(name: str) -> bool:
-    return name in (*METADATA_FILES, KNN_NAME) or (name.startswith(f"{SHARD_DIR}/") and name.endswith(".safetensors"))
+    return name in (*METADATA_FILES, *KNN_FILES) or (name.startswith(f"{SHARD_DIR}/") and name.endswith(".safetensors"))
 
 
 def _keep_remote_card(api: HfApi, repo_id: str, path: str, repo_type: str, revision: str | None) -> bool:

@@ -26,13 +26,13 @@ from .fingerprints import dataset_digest
 from .hub import (
     DATASET_INFO_NAME,
     DEFAULT_MAX_COMMIT_BYTES,
-    KNN_NAME,
     resolve_index_location,
     upload_index,
 )
 from .knn_file import check_knn_file
 from .locks import LOCK_NAME, index_write_lock
-from .search import KnnIndex, exact_top_k
+from .knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, sample_row_ids
+from .search import KNN_FILES, KNN_NAME, KnnIndex, approximate_top_k, exact_top_k
 from .store import (
     MANIFEST_NAME,
     SHARD_DIR,
@@ -47,7 +47,7 @@ from .store import (
 )
 
 logger = logging.getLogger(__name__)
-CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, KNN_NAME)  # listed under "files" in the manifest
+CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, *KNN_FILES)  # listed under "files" in the manifest
 METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME)  # small: their sha256 is checked every time an index is opened
 
 
@@ -102,7 +102,7 @@ class AttributionIndex:
             raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
         self.manifest: dict | None = read_manifest(self.directory)
         if self.manifest is not None:
-            verify_files(self.directory, self.manifest, full=True if verify else METADATA_FILES, optional=(KNN_NAME,))
+            verify_files(self.directory, self.manifest, full=True if verify else METADATA_FILES, optional=KNN_FILES)
         try:
             self.config = DMinConfig.from_dict(_read_json(config_path))
         except TypeError as error:
@@ -160,16 +160,14 @@ class AttributionIndex:
         )
 
     def files(self) -> list[str]:
-        """The index's files, relative to its directory: metadata, vector shards and, if present, ``knn.bin``
+        """The index's files, relative to its directory: metadata, vector shards and, if present, the HNSW files
         (the per-writer ``vectors/part-*.json`` lists used while building are not part of a finished index)."""
         names = [name for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME) if (self.directory / name).is_file()]
         names += [shard["file"] for shard in self.store.shards]
-        if (self.directory / KNN_NAME).is_file():
-            names.append(KNN_NAME)
-        return names
+        return names + [name for name in KNN_FILES if (self.directory / name).is_file()]
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
-        """Copies the index files (config, manifest, shards, HNSW file, dataset reference) to a directory; an
+        """Copies the index files (config, manifest, shards, HNSW files, dataset reference) to a directory; an
         HNSW index rebuilt in memory is written there too, and the manifest lists the checksums of every file.
 
         A directory that already holds another index is refused unless ``overwrite=True`` (its index files are
@@ -186,18 +184,18 @@ class AttributionIndex:
                     raise FileExistsError(
                         f"{target} already holds another attribution index; pass overwrite=True to replace it"
                     )
-                for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, KNN_NAME):
+                for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, *KNN_FILES):
                     (target / name).unlink(missing_ok=True)
                 shutil.rmtree(target / SHARD_DIR, ignore_errors=True)
             (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
             for name in self.files():
                 shutil.copyfile(self.directory / name, target / name)
             if not (self.directory / KNN_NAME).is_file() and self._knn is not None:
-                self._knn.save(target / KNN_NAME)
+                self._knn.save(target)
             record_files(target, list(CHECKSUMMED_FILES))
 
     def record_checksums(self) -> None:
-        """Lists the sha256 and size of the config, the dataset reference and the HNSW file in the manifest
+        """Lists the sha256 and size of the config, the dataset reference and the HNSW files in the manifest
         (the shards are listed as they are written)."""
         if self.read_only:
             raise PermissionError(f"{self.source} is read-only (a Hub snapshot); save_pretrained it elsewhere first")
@@ -239,7 +237,7 @@ class AttributionIndex:
         if not self.read_only:
             self.record_checksums()
         self._check_complete()
-        verify_files(self.directory, self.manifest, full=True, optional=(KNN_NAME,))  # never publish damage
+        verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES)  # never publish damage
         card = make_index_card(self, repo_id, repo_type=repo_type, subfolder=subfolder)
         return upload_index(
             self.directory, repo_id, self.files(), card, private=private, token=token, revision=revision,
@@ -319,40 +317,55 @@ class AttributionIndex:
 
     @property
     def knn(self) -> KnnIndex:
-        """The HNSW index: ``knn.bin``, validated and loaded, or, when the file is missing, rebuilt from the rows
-        (and saved beside them unless the index is read-only)."""
+        """The HNSW index: ``knn.bin`` (and its projection), validated and loaded, or, when a file is missing,
+        rebuilt from the rows (and saved beside them unless the index is read-only)."""
         if self._knn is None:
-            path = self.directory / KNN_NAME
-            if path.exists():
-                self._knn = self._load_knn(path)
+            needed = [KNN_NAME] + ([KNN_PROJECTION_NAME] if self.config.knn_projection == "pca" else [])
+            missing = [name for name in needed if not (self.directory / name).exists()]
+            if not missing:
+                self._knn = self._load_knn()
             else:
                 logger.warning("%s has no %s: building the HNSW index from the %d stored rows",
-                               self.source, KNN_NAME, self.num_rows)
+                               self.source, " or ".join(missing), self.num_rows)
                 self.build_knn()
         return self._knn
 
-    def _load_knn(self, path: Path) -> KnnIndex:
-        dim = self.config.num_timesteps * self.knn_dim
-        record = (self.manifest or {}).get("files", {}).get(KNN_NAME)
-        if record is not None:
-            check_file_digest(path, record, KNN_NAME)
+    def _load_knn(self) -> KnnIndex:
+        records = (self.manifest or {}).get("files", {})
+        projection = None
         try:
-            check_knn_file(path, dim, self.store.row_ids, self.config.hnsw_m, self.config.hnsw_ef_construction)
+            for name in KNN_FILES:
+                if name in records and (self.directory / name).exists():
+                    check_file_digest(self.directory / name, records[name], name)
+            if self.config.knn_projection == "pca":
+                projection = load_projection(self.directory / KNN_PROJECTION_NAME, self.config.num_timesteps,
+                                             self.config.projection_dim, self.knn_dim)
+            check_knn_file(self.directory / KNN_NAME, self.config.num_timesteps * self.knn_dim, self.store.row_ids,
+                           self.config.hnsw_m, self.config.hnsw_ef_construction)
         except ValueError as error:
             raise IndexIntegrityError(
-                f"{error} (in {self.source}; delete {KNN_NAME} and call build_knn() to rebuild it)"
+                f"{error} (in {self.source}; delete {KNN_NAME} and call build_knn() to rebuild the HNSW index)"
             ) from None
-        return KnnIndex.load(path, self.config.num_timesteps, self.knn_dim, self.num_rows)
+        return KnnIndex.load(self.directory / KNN_NAME, self.config.num_timesteps, self.knn_dim, self.num_rows,
+                             projection)
 
     def build_knn(self) -> KnnIndex:
-        """(Re)builds the HNSW index from the stored rows. It is saved as ``knn.bin`` beside them, with its
-        checksum in the manifest, unless the index is read-only (then see :meth:`save_pretrained`)."""
+        """(Re)builds the HNSW index from the stored rows: with ``knn_projection="pca"``, the projection is fitted
+        first on up to 4,096 rows spread over the index. It is saved as ``knn.bin`` (and
+        ``knn_projection.safetensors``) beside them, with checksums in the manifest, unless the index is
+        read-only (then see :meth:`save_pretrained`)."""
+        projection = None
+        if self.config.knn_projection == "pca":
+            sample = self.store.get_rows(sample_row_ids(self.store.row_ids))
+            sample = sample.reshape(len(sample), self.config.num_timesteps, self.config.projection_dim)
+            projection = fit_projection(sample, self.knn_dim, self.config.seed)
         self._knn = KnnIndex.build(
-            self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m, self.config.hnsw_ef_construction
+            self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m, self.config.hnsw_ef_construction,
+            projection=projection,
         )
         if not self.read_only:
             with index_write_lock(self.directory):
-                self._knn.save(self.directory / KNN_NAME)
+                self._knn.save(self.directory)
                 self.record_checksums()
         return self._knn
 
@@ -374,11 +387,7 @@ class AttributionIndex:
             )
         if exact:
             return exact_top_k(self.store, query, top_k)
-        oversample = 1 if self.knn_dim == self.config.projection_dim else 4
-        candidates = self.knn.candidates(query, top_k * oversample)
-        scores = self.store.get_rows(candidates) @ query
-        order = torch.argsort(scores, descending=True, stable=True)[:top_k]
-        return [candidates[i] for i in order.tolist()], scores[order].tolist()
+        return approximate_top_k(self.knn, self.store, query, top_k, self.config.projection_dim)
 
 
 def describe_dataset(

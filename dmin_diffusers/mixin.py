@@ -13,7 +13,7 @@ from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline,
 from .caching import cache_dataset
 from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
-from .gradients import GradientSketcher, check_config_matches
+from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, check_config_matches
 from .hub import resolve_index_location
 from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
@@ -50,6 +50,7 @@ class InfluenceMixin:
         caption_column: str | None = None,
         dataset_reference: dict[str, Any] | None = None,
         progress: bool = True,
+        batch_bytes: int = DEFAULT_BATCH_BYTES,
     ) -> AttributionIndex:
         """Caches the compressed gradients of every row of ``dataset`` in ``output_dir``, builds the HNSW
         index and attaches the result to this pipeline.
@@ -66,12 +67,14 @@ class InfluenceMixin:
             dataset_reference: where the dataset comes from (``name``, ``config_name``, ``revision``, ``split``),
                 recorded so that results can load the rows without the dataset object.
             progress: show a tqdm progress bar.
+            batch_bytes: memory budget of one batched backward over several (row, timestep) samples (their
+                per-sample gradients and activations); ``0`` computes them one at a time.
 
         For several processes, or to cache from a training loop, see :func:`dmin_diffusers.caching.cache_dataset`.
         """
         index = cache_dataset(
             self, dataset, output_dir, config, image_column, caption_column, dataset_reference=dataset_reference,
-            progress=progress,
+            progress=progress, batch_bytes=batch_bytes,
         )
         self.load_attribution_index(index)
         return index

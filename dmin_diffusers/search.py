@@ -9,8 +9,13 @@ import hnswlib
 import numpy as np
 import torch
 
+from .knn_projection import KNN_PROJECTION_NAME, project, save_projection
 from .sketch import fold_sketch
 from .store import VectorStore
+
+KNN_NAME = "knn.bin"
+#: the files of the HNSW index, both optional (rebuilt from the rows when missing)
+KNN_FILES = (KNN_NAME, KNN_PROJECTION_NAME)
 
 
 def exact_top_k(store: VectorStore, query: torch.Tensor, top_k: int, chunk_rows: int = 8192):
@@ -37,44 +42,61 @@ def _stable_descending(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return by_id[by_score]
 
 
-def knn_vectors(vectors: torch.Tensor, num_timesteps: int, knn_dim: int) -> np.ndarray:
-    """Rows of ``T * K`` values folded to ``T * knn_dim`` (the nested sketch), as float32 numpy."""
+def knn_vectors(
+    vectors: torch.Tensor, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None
+) -> np.ndarray:
+    """Rows of ``T * K`` values as the HNSW index's ``T * knn_dim`` float32 vectors: projected on ``projection``
+    (:mod:`~dmin_diffusers.knn_projection`) when given, else folded to the nested sketch of size ``knn_dim``."""
+    if projection is not None:
+        return project(vectors, projection).numpy()
     folded = fold_sketch(vectors.reshape(vectors.shape[0], num_timesteps, -1), knn_dim)
     return folded.reshape(vectors.shape[0], -1).numpy().astype(np.float32, copy=False)
 
 
-class KnnIndex:
-    """An hnswlib inner-product index over (possibly folded) rows; labels are dataset row ids."""
+def search_ef(count: int) -> int:
+    """hnswlib's ``ef`` (the size of its candidate list) for ``count`` results: 10x as many, at least 100. At 100k
+    rows, ``ef = count`` found 88 % of the true 40 nearest vectors and 10x found all of them, for under 1 ms."""
+    return max(10 * count, 100)
 
-    def __init__(self, index: hnswlib.Index, num_timesteps: int, knn_dim: int):
-        self.index, self.num_timesteps, self.knn_dim = index, num_timesteps, knn_dim
+
+class KnnIndex:
+    """An hnswlib inner-product index over projected or folded rows; labels are dataset row ids. Saved as
+    ``knn.bin`` and, for a projection, ``knn_projection.safetensors`` beside it."""
+
+    def __init__(self, index: hnswlib.Index, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None):
+        self.index, self.num_timesteps, self.knn_dim, self.projection = index, num_timesteps, knn_dim, projection
 
     @classmethod
     def build(
         cls, store: VectorStore, num_timesteps: int, knn_dim: int, m: int = 32, ef_construction: int = 200,
-        chunk_rows: int = 8192,
+        chunk_rows: int = 8192, projection: torch.Tensor | None = None,
     ) -> "KnnIndex":
         index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
         index.init_index(max_elements=max(store.num_rows, 1), M=m, ef_construction=ef_construction, random_seed=0)
         for row_ids, vectors in store.iter_chunks(chunk_rows):
             # as many threads as torch uses: hnswlib's default (every core) collapses on a shared machine
-            index.add_items(
-                knn_vectors(vectors, num_timesteps, knn_dim), row_ids.numpy(), num_threads=torch.get_num_threads()
-            )
-        return cls(index, num_timesteps, knn_dim)
+            index.add_items(knn_vectors(vectors, num_timesteps, knn_dim, projection), row_ids.numpy(),
+                            num_threads=torch.get_num_threads())
+        return cls(index, num_timesteps, knn_dim, projection)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, num_timesteps: int, knn_dim: int, num_rows: int) -> "KnnIndex":
+    def load(
+        cls, path: str | os.PathLike, num_timesteps: int, knn_dim: int, num_rows: int,
+        projection: torch.Tensor | None = None,
+    ) -> "KnnIndex":
         index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
         index.load_index(str(path), max_elements=max(num_rows, 1))
         if index.get_current_count() != num_rows:
             raise ValueError(f"{path} holds {index.get_current_count()} rows, the store {num_rows}")
-        return cls(index, num_timesteps, knn_dim)
+        return cls(index, num_timesteps, knn_dim, projection)
 
-    def save(self, path: str | os.PathLike) -> None:
-        temporary = f"{path}.tmp"
-        self.index.save_index(temporary)
-        os.replace(temporary, Path(path))
+    def save(self, directory: str | os.PathLike) -> None:
+        """Writes ``knn.bin`` (and the projection, if any) into ``directory``, each atomically."""
+        if self.projection is not None:
+            save_projection(self.projection, Path(directory) / KNN_PROJECTION_NAME)
+        temporary = Path(directory) / f"{KNN_NAME}.tmp"
+        self.index.save_index(str(temporary))
+        os.replace(temporary, Path(directory) / KNN_NAME)
 
     def candidates(self, query: torch.Tensor, count: int, ef: int | None = None) -> list[int]:
         """Row ids of the ``count`` approximate nearest rows by inner product."""
@@ -82,7 +104,22 @@ class KnnIndex:
         count = min(count, total)
         if count == 0:
             return []
-        self.index.set_ef(max(ef or 0, count, 64))
-        vector = knn_vectors(query.reshape(1, -1).to(torch.float32), self.num_timesteps, self.knn_dim)
+        self.index.set_ef(max(ef or 0, search_ef(count)))
+        vector = knn_vectors(query.reshape(1, -1).to(torch.float32), self.num_timesteps, self.knn_dim, self.projection)
         labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
         return [int(label) for label in labels[0]]
+
+
+#: HNSW candidates re-ranked per requested row when the HNSW vectors are smaller than the rows: with the default
+#: projection, recall@10 against exact search was at least 0.99 on real and 100k-row sets (benchmarks/knn_recall.py)
+OVERSAMPLING = 4
+
+
+def approximate_top_k(knn: KnnIndex, store: VectorStore, query: torch.Tensor, top_k: int, projection_dim: int):
+    """HNSW proposes candidates (``OVERSAMPLING`` times ``top_k`` when its vectors are smaller than the rows),
+    which are scored exactly on the stored rows. Returns ``(row_ids, scores)`` as :func:`exact_top_k`."""
+    oversampling = 1 if knn.knn_dim == projection_dim and knn.projection is None else OVERSAMPLING
+    candidates = knn.candidates(query, top_k * oversampling)
+    scores = store.get_rows(candidates) @ query
+    order = torch.argsort(scores, descending=True, stable=True)[:top_k]
+    return [candidates[i] for i in order.tolist()], scores[order].tolist()

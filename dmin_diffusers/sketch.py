@@ -15,11 +15,13 @@ sketch for ``K / 2`` is the sum of adjacent pairs of the sketch for ``K`` (see :
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 from collections.abc import Sequence
 
 import torch
 
+logger = logging.getLogger(__name__)
 _MASK32 = 0xFFFFFFFF
 _FEISTEL_ROUNDS = 4
 # Computing codes for one huge tensor at once would need several int64 temporaries per element.
@@ -79,6 +81,21 @@ class KeyedPermutation:
         return out
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes that can still be allocated on ``device``: free CUDA memory, or the operating system's
+    ``MemAvailable`` on the CPU (2 GiB where neither can be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 31
+
+
 class SketchProjector:
     """Adds parameter gradients into a ``K``-bucket sketch of their concatenation.
 
@@ -88,10 +105,11 @@ class SketchProjector:
         dim: ``K``, a power of two.
         seed: key of the permutation and the signs.
         code_cache_bytes: the bucket/sign codes of every parameter are kept in memory (4 bytes per element)
-            when they fit in this budget, and recomputed on the fly otherwise.
+            when they fit in this budget, and recomputed on the fly (about 40x slower) otherwise. By default
+            the budget is half the memory available on the gradients' device when the codes are first needed.
     """
 
-    def __init__(self, parameter_sizes: Sequence[int], dim: int, seed: int, code_cache_bytes: int = 1 << 31):
+    def __init__(self, parameter_sizes: Sequence[int], dim: int, seed: int, code_cache_bytes: int | None = None):
         if dim < 1 or dim & (dim - 1):
             raise ValueError(f"the sketch dimension must be a power of two, got {dim}")
         self.parameter_sizes = [int(size) for size in parameter_sizes]
@@ -106,7 +124,8 @@ class SketchProjector:
             self.offsets.append(self.offsets[-1] + size)
         self.permutation = KeyedPermutation(self.padded, seed)
         self._sign_keys = (_derive_key(seed, "sign-low"), _derive_key(seed, "sign-high"))
-        self._cache_codes = 4 * self.total <= code_cache_bytes
+        self.code_cache_bytes = code_cache_bytes
+        self._cache_codes: dict[torch.device, bool] = {}
         self._codes: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def signs(self, position: torch.Tensor) -> torch.Tensor:
@@ -126,7 +145,16 @@ class SketchProjector:
         if key in self._codes:
             return [self._codes[key]]
         start, size = self.offsets[parameter_index], self.parameter_sizes[parameter_index]
-        if self._cache_codes:
+        if device not in self._cache_codes:
+            budget = available_memory(device) // 2 if self.code_cache_bytes is None else self.code_cache_bytes
+            self._cache_codes[device] = 4 * self.total <= budget
+            if not self._cache_codes[device]:
+                logger.warning(
+                    "the compressor's codes (%.2f GiB) exceed the code cache budget (%.2f GiB) on %s: they are "
+                    "recomputed for every gradient, about 40x slower; free memory or pass code_cache_bytes",
+                    4 * self.total / 2**30, budget / 2**30, device,
+                )
+        if self._cache_codes[device]:
             self._codes[key] = self.codes_for_range(start, size, device)
             return [self._codes[key]]
         return [
@@ -134,9 +162,11 @@ class SketchProjector:
             for chunk in range(0, size, _CODE_CHUNK)
         ]
 
-    def new_accumulator(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """A zeroed float32 buffer of ``2 K`` signed buckets, to pass to :meth:`accumulate`."""
-        return torch.zeros(2 * self.dim, dtype=torch.float32, device=device)
+    def new_accumulator(self, device: torch.device | str = "cpu", batch: int | None = None) -> torch.Tensor:
+        """A zeroed float32 buffer of ``2 K`` signed buckets (``(batch, 2 K)`` with ``batch``), to pass to
+        :meth:`accumulate` (:meth:`accumulate_batch`)."""
+        shape = (2 * self.dim,) if batch is None else (batch, 2 * self.dim)
+        return torch.zeros(shape, dtype=torch.float32, device=device)
 
     def accumulate(self, accumulator: torch.Tensor, parameter_index: int, gradient: torch.Tensor) -> None:
         """Adds one parameter's gradient into ``accumulator`` (positive and negative halves kept apart, so
@@ -153,10 +183,26 @@ class SketchProjector:
             accumulator.index_add_(0, codes, piece)
             start += codes.numel()
 
+    def accumulate_batch(self, accumulators: torch.Tensor, parameter_index: int, gradients: torch.Tensor) -> None:
+        """:meth:`accumulate` for a batch: row ``b`` of ``gradients`` (one sample's gradient of the parameter)
+        is added into row ``b`` of ``accumulators`` (``(B, 2 K)``, from :meth:`new_accumulator` with ``batch``)."""
+        flat = gradients.detach().reshape(gradients.shape[0], -1)
+        if flat.shape[1] != self.parameter_sizes[parameter_index]:
+            raise ValueError(
+                f"gradients of parameter {parameter_index} have {flat.shape[1]} elements per sample, "
+                f"expected {self.parameter_sizes[parameter_index]}"
+            )
+        start = 0
+        for codes in self._parameter_codes(parameter_index, flat.device):
+            piece = flat[:, start : start + codes.numel()].to(torch.float32)
+            for accumulator, gradient in zip(accumulators, piece):  # 2.5x faster than index_add_ along dim 1
+                accumulator.index_add_(0, codes, gradient)
+            start += codes.numel()
+
     @staticmethod
     def finalize(accumulator: torch.Tensor) -> torch.Tensor:
-        """The ``K``-dimensional sketch from an accumulator."""
-        return accumulator[0::2] - accumulator[1::2]
+        """The ``K``-dimensional sketch from an accumulator (``(..., K)`` from ``(..., 2 K)``)."""
+        return accumulator[..., 0::2] - accumulator[..., 1::2]
 
     def literal(self, flat_gradient: torch.Tensor) -> torch.Tensor:
         """The paper's four steps on a materialised flattened gradient (for tests and baselines only)."""

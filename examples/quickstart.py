@@ -15,10 +15,10 @@ What this script does, end to end, on the CPU and without downloading anything:
    ``attribution-{i}.png`` grid per digit and reports how often the retrieved training
    images carry the same label as the generated digit (compared with the chance rate).
 
-Runtime on an otherwise idle 2-core CPU: about 3 minutes of training (1,000 steps of 64
-images) and about 5 seconds of generation; building the attribution index (one gradient
-pass per training image and timestep) and attributing come on top, and the script prints
-the time of every phase. ``--quick`` trains for ~30 seconds on 200 digits (its samples are
+Runtime on an otherwise idle 2-core CPU: about 2 minutes of training (1,000 steps of 64
+images), a few seconds of generation, about 1.5 minutes to build the attribution index
+(a gradient per training image and timestep, 120 at a time) and a second to attribute;
+the script prints the time of every phase. ``--quick`` trains for ~30 seconds on 200 digits (its samples are
 blobs, not clean digits) as a smoke run; ``--skip_attribution`` stops after step 4. If
 other busy processes share the cores, PyTorch's threads wait on each other and training
 can slow down many times over; ``OMP_NUM_THREADS=1`` then helps.
@@ -71,7 +71,7 @@ def parse_args() -> argparse.Namespace:
         "--train_steps",
         type=int,
         default=None,
-        help=f"optimizer steps (default: {DEFAULT_TRAIN_STEPS}, about 3 minutes; "
+        help=f"optimizer steps (default: {DEFAULT_TRAIN_STEPS}, about 2 minutes; "
         f"{QUICK_TRAIN_STEPS} with --quick)",
     )
     parser.add_argument("--batch_size", type=int, default=64)

@@ -128,8 +128,8 @@ def test_vectors_are_deterministic(built):
     first = pipe.attribution_vector(image, prompt)
     second = pipe.attribution_vector(image, prompt)
     assert torch.equal(first, second)
-    stored = index.store.get_rows([3])[0]
-    torch.testing.assert_close(stored, first.reshape(-1).half().float())
+    stored = index.store.get_rows([3])[0]  # float16, from a batch of another size (rounding differs a little)
+    torch.testing.assert_close(stored, first.reshape(-1), rtol=2e-3, atol=1e-5)
 
 
 def test_rebuilding_gives_identical_rows(tmp_path):

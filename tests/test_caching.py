@@ -24,7 +24,9 @@ from dmin_diffusers.testing import add_lora, make_caption_dataset, tiny_pipeline
 from dmin_diffusers.training_data import load_training_dataset
 
 NUM_ROWS = 8
-SETTINGS = ["--num_timesteps", "3", "--projection_dim", "512", "--shard_size", "1", "--resolution", "32"]
+# a 9 MB batch holds 3 samples (one row) of the tiny model: batched, and killed between rows
+SETTINGS = ["--num_timesteps", "3", "--projection_dim", "512", "--shard_size", "1", "--resolution", "32",
+            "--batch_memory_mb", "9"]
 
 
 def rows_of(directory):

@@ -11,6 +11,7 @@ import torch
 
 import dmin_diffusers as dm
 from dmin_diffusers.locks import IndexBusyError, index_write_lock
+from dmin_diffusers.search import KNN_FILES
 from dmin_diffusers.store import IndexIntegrityError
 from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 
@@ -53,7 +54,7 @@ def test_every_damaged_file_is_detected_on_the_default_path(built, tmp_path):
     pipe, dataset, source = built
     index = dm.AttributionIndex.from_pretrained(source)
     names = index.files()
-    assert {"dmin_config.json", "dataset.json", "manifest.json", "knn.bin"} <= set(names) and len(names) == 7
+    assert {"dmin_config.json", "dataset.json", "manifest.json", *KNN_FILES} <= set(names) and len(names) == 8
     undetected, trials = [], 0
     for name in names:
         size = (source / name).stat().st_size
@@ -78,9 +79,9 @@ def test_every_damaged_file_is_detected_on_the_default_path(built, tmp_path):
             except (IndexIntegrityError, ValueError, FileNotFoundError) as error:
                 assert str(error)
                 continue
-            if not (kind == "delete" and name == "knn.bin"):  # a missing HNSW file is rebuilt from the rows
+            if not (kind == "delete" and name in KNN_FILES):  # a missing HNSW file is rebuilt from the rows
                 undetected.append((name, kind, offset))
-    assert trials >= 60 and not undetected, undetected
+    assert trials >= 70 and not undetected, undetected
 
 
 def test_editing_the_config_is_detected(built, tmp_path):

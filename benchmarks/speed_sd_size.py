@@ -1,0 +1,162 @@
+"""Caching cost on a model the size users fine-tune: Stable Diffusion 1.5's UNet (860M parameters), built from its
+published config with random weights (no download), at 64x64 latents (512x512 images).
+
+For LoRA rank 4 and 64 and for full-parameter tracking, per (row, timestep): a plain forward + backward of the
+same model and input (gradients into ``.grad``), DMin's one-at-a-time path (``sketch_sequential``), and, where
+the per-sample gradients fit the batch budget, DMin's batched path against a plain forward + backward of the same
+batch. Peak memory is the resident (CPU) or allocated (CUDA) memory added while each measurement ran. Used by
+``speed.py --sd-size``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+import dmin_diffusers as dm
+from dmin_diffusers.families import detect_family
+from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
+from dmin_diffusers.testing import add_lora, tiny_stable_diffusion_components
+
+from common import markdown_table
+
+GIB = 2**30
+
+#: Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), the fields that differ
+#: from diffusers' defaults
+SD15_UNET_CONFIG = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}
+
+
+def sd15_pipeline(lora_rank: int | None, device: str) -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline whose UNet is SD 1.5's (random weights); the VAE and text encoder are tiny,
+    since the benchmark feeds latents and prompt embeddings directly."""
+    components = tiny_stable_diffusion_components()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    if lora_rank is not None:
+        add_lora(unet, rank=lora_rank)
+    components["unet"] = unet
+    return StableDiffusionPipeline(**components, requires_safety_checker=False).to(device)
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def timed_peak(fn: Callable[[], Any], device: str) -> tuple[float, float]:
+    """``(seconds, peak GiB added)`` of one run of ``fn`` in this process."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: large blocks go back to the system when freed
+        libc.malloc_trim(0)
+        Path("/proc/self/clear_refs").write_text("5")
+        before = _rss_kib("VmRSS") * 1024
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kib("VmHWM") * 1024
+    return seconds, max(peak - before, 0) / GIB
+
+
+def plain_steps(sketcher: GradientSketcher, examples: list[PreparedExample], batch: int) -> None:
+    """Plain forward + backward passes over every (example, timestep) sample of the config, ``batch`` samples per
+    pass (the sum of their outputs), gradients accumulated into ``.grad`` as a training step would, then dropped."""
+    samples = [(e, p) for e in examples for p in range(len(sketcher.config.timesteps))]
+    with sketcher._tracking(streaming=False):
+        for start in range(0, len(samples), batch):
+            inputs = [sketcher._inputs(e, p) for e, p in samples[start : start + batch]]
+            noisy = torch.cat([i.noisy for i in inputs])
+            model_timestep = torch.cat([i.model_timestep for i in inputs])
+            conditioning = {k: torch.cat([i.conditioning[k] for i in inputs]) for k in inputs[0].conditioning}
+            prediction = sketcher._prediction(noisy, model_timestep, conditioning)
+            draws = len(prediction) // len(inputs)
+            sum(sketcher._reduce(prediction[j * draws : (j + 1) * draws], inputs[j].target)
+                for j in range(len(inputs))).backward()
+        for _, p in sketcher.parameters:
+            p.grad = None
+
+
+def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_gib: float) -> list[str]:
+    """One row of the table."""
+    gc.collect()  # the previous row's model sits in reference cycles: free it before the memory is judged
+    pipe = sd15_pipeline(rank, device)
+    family = detect_family(pipe)
+    config = resolve_config(dm.DMinConfig(num_timesteps=num_timesteps, projection_dim=4096), family)
+    sketcher = GradientSketcher(family, config, batch_bytes=int(batch_gib * GIB))
+    generator = torch.Generator().manual_seed(0)
+    example = PreparedExample(
+        latents=torch.randn(1, 4, 64, 64, generator=generator).to(device),
+        conditioning={"encoder_hidden_states": torch.randn(1, 77, 768, generator=generator).to(device)},
+    )
+    tracked = sketcher.projector.total
+    start = time.perf_counter()
+    for index in range(len(sketcher.parameters)):  # derive (and cache, if they fit) the compressor's codes
+        sketcher.projector._parameter_codes(index, torch.device(device))
+    code_seconds = time.perf_counter() - start
+    cached = sketcher.projector._cache_codes[torch.device(device)]
+    batch = sketcher._measure_batch_samples(example)
+    sketcher._batch_samples = batch
+    per = 1.0 / num_timesteps
+    plain, plain_peak = timed_peak(lambda: plain_steps(sketcher, [example], 1), device)
+    sequential, sequential_peak = timed_peak(lambda: sketcher.sketch_sequential(example), device)
+    row = [name, f"{tracked:,}", f"{plain * per:.2f}", f"{plain_peak:.2f}", f"{sequential * per:.2f}",
+           f"{sequential_peak:.2f}", f"{sequential / plain:.2f}x"]
+    if batch > 1:
+        batch = min(batch, num_timesteps)
+        sketcher._batch_samples = batch
+        plain_batch, _ = timed_peak(lambda: plain_steps(sketcher, [example], batch), device)
+        batched, batched_peak = timed_peak(lambda: sketcher.sketch_many([example]), device)
+        row += [str(batch), f"{plain_batch * per:.2f}", f"{batched * per:.2f}", f"{batched_peak:.2f}",
+                f"{batched / plain_batch:.2f}x", f"{sequential / batched:.2f}x"]
+    else:
+        row += ["1 (over the budget)", "", "", "", "", ""]
+    code_gib = 4 * tracked / GIB
+    row.append(f"{'cached' if cached else 'recomputed'}, {code_gib:.2f} GiB, {code_seconds:.1f} s to derive")
+    print(row, flush=True)
+    return row
+
+
+def sd_size_table(device: str = "cpu", num_timesteps: int = 2, batch_gib: float = 12.0) -> str:
+    """The SD-size caching table (one row, ``num_timesteps`` timesteps, K = 4096)."""
+    rows = [measure(name, rank, device, num_timesteps, batch_gib)
+            for name, rank in (("LoRA r4", 4), ("LoRA r64", 64), ("full (all 860M parameters)", None))]
+    header = (
+        f"Stable Diffusion 1.5's UNet (random weights from its config), 64x64 latents, one row, T = {num_timesteps} "
+        f"timesteps, K = 4096, device {device}, torch threads {torch.get_num_threads()}; one run of each, times "
+        f"per (row, timestep). Batch budget {batch_gib:g} GiB (the per-sample gradients and the activations "
+        "autograd keeps, measured on the row). Peak: memory added while the measurement ran (resident memory on "
+        "the CPU, allocated memory on CUDA). The compressor's codes are derived once per process.\n\n"
+    )
+    return header + markdown_table(
+        ["tracked", "tracked params", "plain fwd+bwd (s)", "peak (GiB)", "DMin one-at-a-time (s)", "peak (GiB)",
+         "one-at-a-time / plain", "batch (samples)", "plain fwd+bwd of the batch (s)", "DMin batched (s)",
+         "peak (GiB)", "batched / plain batch", "one-at-a-time / batched", "compressor codes"],
+        rows,
+    )
