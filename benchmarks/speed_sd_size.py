@@ -11,7 +11,7 @@ batch. Peak memory is the resident (CPU) or allocated (CUDA) memory added while 
 from __future__ import annotations
 
 import ctypes
-import gc
+import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -104,8 +104,7 @@ def plain_steps(sketcher: GradientSketcher, examples: list[PreparedExample], bat
 
 
 def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_gib: float) -> list[str]:
-    """One row of the table."""
-    gc.collect()  # the previous row's model sits in reference cycles: free it before the memory is judged
+    """One row of the table, measured in this process."""
     pipe = sd15_pipeline(rank, device)
     family = detect_family(pipe)
     config = resolve_config(dm.DMinConfig(num_timesteps=num_timesteps, projection_dim=4096), family)
@@ -145,8 +144,13 @@ def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_
 
 def sd_size_table(device: str = "cpu", num_timesteps: int = 2, batch_gib: float = 12.0) -> str:
     """The SD-size caching table (one row, ``num_timesteps`` timesteps, K = 4096)."""
-    rows = [measure(name, rank, device, num_timesteps, batch_gib)
-            for name, rank in (("LoRA r4", 4), ("LoRA r64", 64), ("full (all 860M parameters)", None))]
+    # each row in a fresh process: a model that is dropped is not always freed at once (3.2 GiB each), and the
+    # code cache of the next row is sized from the memory then available
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for name, rank in (("LoRA r4", 4), ("LoRA r64", 64), ("full (all 860M parameters)", None)):
+        with context.Pool(1, initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),)) as pool:
+            rows.append(pool.apply(measure, (name, rank, device, num_timesteps, batch_gib)))
     header = (
         f"Stable Diffusion 1.5's UNet (random weights from its config), 64x64 latents, one row, T = {num_timesteps} "
         f"timesteps, K = 4096, device {device}, torch threads {torch.get_num_threads()}; one run of each, times "
