@@ -171,17 +171,7 @@ class SketchProjector:
     def accumulate(self, accumulator: torch.Tensor, parameter_index: int, gradient: torch.Tensor) -> None:
         """Adds one parameter's gradient into ``accumulator`` (positive and negative halves kept apart, so
         the signs cost no multiplication pass over the gradient)."""
-        flat = gradient.detach().reshape(-1)
-        if flat.numel() != self.parameter_sizes[parameter_index]:
-            raise ValueError(
-                f"gradient of parameter {parameter_index} has {flat.numel()} elements, "
-                f"expected {self.parameter_sizes[parameter_index]}"
-            )
-        start = 0
-        for codes in self._parameter_codes(parameter_index, flat.device):
-            piece = flat[start : start + codes.numel()].to(torch.float32)
-            accumulator.index_add_(0, codes, piece)
-            start += codes.numel()
+        self.accumulate_batch(accumulator[None], parameter_index, gradient[None])
 
     def accumulate_batch(self, accumulators: torch.Tensor, parameter_index: int, gradients: torch.Tensor) -> None:
         """:meth:`accumulate` for a batch: row ``b`` of ``gradients`` (one sample's gradient of the parameter)
@@ -189,7 +179,7 @@ class SketchProjector:
         flat = gradients.detach().reshape(gradients.shape[0], -1)
         if flat.shape[1] != self.parameter_sizes[parameter_index]:
             raise ValueError(
-                f"gradients of parameter {parameter_index} have {flat.shape[1]} elements per sample, "
+                f"gradient of parameter {parameter_index} has {flat.shape[1]} elements, "
                 f"expected {self.parameter_sizes[parameter_index]}"
             )
         start = 0
