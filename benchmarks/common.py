@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 DOCS_DIR = BENCH_DIR.parent / "docs"
+# the tiny offline pipelines are test helpers (tests/tiny_models.py) that the benchmarks share
+sys.path.insert(0, str(BENCH_DIR.parent / "tests"))
 
 
 def setup_threads(threads: int = 1) -> None:

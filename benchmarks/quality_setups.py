@@ -23,10 +23,10 @@ import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
 from dmin_diffusers.inputs import preprocess_image
-from dmin_diffusers.testing import tiny_pipeline
-
+import common  # noqa: F401  (puts tests/ on the path for tiny_models)
 from quality_data import (EVALUATED, digits_classifier, heldout_prompts, load_digit_rows, make_generic_dataset,
                           make_t2i_dataset)
+from tiny_models import tiny_pipeline
 
 QUERY_SETS = ("selection", "evaluation")  # recipes are chosen on the first and reported on the second
 
@@ -126,6 +126,11 @@ def train_vae(vae, pixels: torch.Tensor, steps: int, seed: int, batch_size: int 
     print(f"  VAE reconstruction loss (last batch) {loss.item():.4f}", flush=True)
 
 
+def sd_prompt(family, prompt: str) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion prompt's conditioning (SD's needs neither the image's crop nor the config)."""
+    return family.encode_prompt(prompt, geometry=None, config=None)
+
+
 def train_unet(pipe, latents: torch.Tensor, captions: list[str], steps: int, seed: int, lr: float,
                batch_size: int = 16, empty_prompts: float = 0.1) -> None:
     """diffusers' text-to-image training loop on the UNet's trainable parameters (all of them, or the LoRA), with
@@ -133,8 +138,8 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], steps: int, see
     family = detect_family(pipe)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
-        conditioning = torch.cat([family.encode_prompt(t)["encoder_hidden_states"] for t in captions])
-        empty = family.encode_prompt("")["encoder_hidden_states"]
+        conditioning = torch.cat([sd_prompt(family, t)["encoder_hidden_states"] for t in captions])
+        empty = sd_prompt(family, "")["encoder_hidden_states"]
     unet = pipe.unet.train()
     trained = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=lr)
@@ -250,7 +255,7 @@ def build_t2i(sizes: Sizes) -> Setup:
         # The tiny VAE is random-init and cannot round-trip an image, so queries are the generated latents (what
         # a faithful VAE would encode the decoded image back to), with the prompt encoded as for the rows.
         latents = generate(pipe, [p for _, p in chosen], sizes, seed + position, "latent")
-        examples = [PreparedExample(latents=lat[None], conditioning=family.encode_prompt(p))
+        examples = [PreparedExample(latents=lat[None], conditioning=sd_prompt(family, p))
                     for lat, (_, p) in zip(latents, chosen)]
         query_sets[name] = QuerySet(examples, [s for s, _ in chosen],
                                     {"latent similarity (cosine)": cosine(latents, row_latents)})

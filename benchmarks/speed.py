@@ -34,11 +34,11 @@ from dmin_diffusers.search import KNN_NAME, OVERSAMPLING, KnnIndex, approximate_
 from dmin_diffusers.sketch import SketchProjector
 from dmin_diffusers.store import (VectorStore, VectorStoreWriter, check_file_digest, file_record,
                                   merge_manifests)
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
 
 from common import (add_common_arguments, best_time, markdown_table, peak_memory_bytes, plot_path, setup_threads,
                     write_report)
 from speed_sd_size import plain_steps, sd_size_table
+from tiny_models import make_caption_dataset, tiny_pipeline
 
 GB = 1e9
 MIB = 2**20
@@ -150,7 +150,7 @@ def _accumulate_all(projector: SketchProjector, gradients: list[torch.Tensor]) -
 
 
 def caching_models() -> list[tuple[str, object, str | None]]:
-    """(name, DMin pipeline, prompt) for the tiny models of ``dmin_diffusers.testing``."""
+    """(name, DMin pipeline, prompt) for the tiny models of ``tiny_models``."""
     return [
         ("tiny SD UNet, LoRA r4 (tracked: LoRA)", tiny_pipeline("sd", dm.DMinStableDiffusionPipeline, lora_rank=4),
          "a red circle on the left"),

@@ -23,9 +23,9 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
-from dmin_diffusers.testing import add_lora, tiny_stable_diffusion_components
 
 from common import markdown_table
+from tiny_models import add_lora, tiny_stable_diffusion_components
 
 GIB = 2**30
 

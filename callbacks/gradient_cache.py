@@ -7,7 +7,7 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from dmin_diffusers.caching import cache_dataset, require_dataset
+from dmin_diffusers.caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset, require_dataset
 from dmin_diffusers.gradients import DEFAULT_BATCH_BYTES
 from dmin_diffusers.config import DMinConfig, require_config
 from dmin_diffusers.index import AttributionIndex
@@ -26,7 +26,7 @@ class GradientCacheCallback:
 
     Args:
         output_dir: where the attribution index is written.
-        config: DMin settings (the paper's defaults when omitted).
+        config: DMin settings (:class:`DMinConfig`'s defaults when omitted).
         image_column, caption_column: dataset columns (the caption is ignored for unconditional models).
         dataset_args: the training script's dataset arguments (``dataset_name``, ``train_data_dir``,
             ``max_train_samples``, ``seed``, ...), used to load the rows when ``on_train_end`` gets no dataset.
@@ -38,8 +38,8 @@ class GradientCacheCallback:
         self,
         output_dir: str | os.PathLike,
         config: DMinConfig | None = None,
-        image_column: str = "image",
-        caption_column: str | None = "text",
+        image_column: str = DEFAULT_IMAGE_COLUMN,
+        caption_column: str | None = DEFAULT_CAPTION_COLUMN,
         dataset_args: dict[str, Any] | None = None,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
     ):
@@ -53,7 +53,8 @@ class GradientCacheCallback:
     def from_training_args(cls, args: Namespace, **overrides: Any) -> "GradientCacheCallback":
         """Reads a diffusers training script's argparse namespace.
 
-        Uses ``resolution``, ``image_column``, ``caption_column``, the dataset arguments and ``seed``; the index
+        Uses ``resolution``, ``image_column``, ``caption_column``, ``max_sequence_length`` and ``guidance_scale``
+        (SD3 and Flux scripts), the dataset arguments and ``seed``; the index
         goes to ``<output_dir>/dmin-index``. Optional ``dmin_<field>`` attributes for the fields of
         ``RECIPE_ARGUMENTS`` (``dmin_num_timesteps``, ``dmin_output_function``, ...; or keyword overrides of the
         constructor) change the DMin settings; the others keep :class:`DMinConfig`'s defaults. Caching
@@ -68,6 +69,7 @@ class GradientCacheCallback:
             **chosen,
             resolution=get("resolution"),
             max_sequence_length=get("max_sequence_length"),
+            guidance_scale=get("guidance_scale"),
             base_model=get("pretrained_model_name_or_path"),
         )
         dataset_args = {
@@ -78,9 +80,9 @@ class GradientCacheCallback:
         settings = {
             "output_dir": os.path.join(get("output_dir") or ".", INDEX_SUBFOLDER),
             "config": config,
-            "image_column": get("image_column") or "image",
+            "image_column": get("image_column") or DEFAULT_IMAGE_COLUMN,
             # DreamBooth scripts caption every row with the instance prompt when no caption column is given
-            "caption_column": get("caption_column") or "text",
+            "caption_column": get("caption_column") or DEFAULT_CAPTION_COLUMN,
             "dataset_args": dataset_args,
         }
         settings.update(overrides)

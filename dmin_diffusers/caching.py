@@ -19,7 +19,8 @@ from .locks import index_write_lock
 from .store import VectorStoreWriter, merge_manifests
 
 logger = logging.getLogger(__name__)
-DEFAULT_CAPTION_COLUMN = "text"
+DEFAULT_IMAGE_COLUMN = "image"
+DEFAULT_CAPTION_COLUMN = "text"  # the column name of diffusers' training scripts and imagefolder captions
 
 
 def require_dataset(dataset: Any) -> None:
@@ -108,7 +109,7 @@ def cache_dataset(
     dataset: Any,
     output_dir: str | os.PathLike,
     config: DMinConfig | None = None,
-    image_column: str = "image",
+    image_column: str = DEFAULT_IMAGE_COLUMN,
     caption_column: str | None = None,
     accelerator: Any = None,
     dataset_reference: dict[str, Any] | None = None,
@@ -185,8 +186,6 @@ def cache_dataset(
                 f"{world} process{'es' if world > 1 else ''}, {index.nbytes / 1e6:.2f} MB on disk)"
             )
             logger.info(message)
-            if progress:
-                print(message)
     _wait(accelerator)
     return AttributionIndex(output_dir, dataset=dataset)
 

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 from huggingface_hub import DatasetCard, DatasetCardData, constants
 
+from .config import DMinConfig
+from .families import family_named
 from .search import KNN_FILES
-
-if TYPE_CHECKING:
-    from .index import AttributionIndex
 
 CARD_TAGS = ["dmin", "data-attribution", "training-data-attribution", "influence-estimation", "diffusers",
              "dmin-diffusers"]
 PAPER_URL = "https://arxiv.org/abs/2412.08637"
-_PIPELINE_CLASSES = {
-    "ddpm": "DMinDDPMPipeline",
-    "stable-diffusion": "DMinStableDiffusionPipeline",
-    "sd3": "DMinStableDiffusion3Pipeline",
-}
 _SIZE_CATEGORIES = [(1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"),
                     (10_000_000, "1M<n<10M"), (100_000_000, "10M<n<100M")]
 
@@ -56,18 +51,30 @@ def _tracked_summary(parameters: list[list[Any]]) -> str:
     return f"{len(parameters)} tensors, {total:,} values{lora}"
 
 
-def usage_snippet(
-    index: AttributionIndex, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
-) -> str:
+@dataclass
+class IndexSummary:
+    """What the card says about an index: its config, dataset reference and manifest, and sizes."""
+
+    config: DMinConfig
+    dataset_info: dict[str, Any]
+    manifest: dict[str, Any]
+    num_rows: int
+    total_bytes: int
+
+
+def usage_snippet(config: DMinConfig, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None) -> str:
     """Python that loads the index from ``repo_id`` into its pipeline and attributes an image."""
-    config = index.config
-    cls = _PIPELINE_CLASSES.get(config.family or "", "DMinStableDiffusionPipeline")
+    family = family_named(config.family or "")
+    ready_made = family.ready_made if family is not None else None
+    cls = f"dm.{ready_made.__name__}" if ready_made is not None else "DiffusionPipeline"
     extra = "".join(
         f", {key}={value!r}" for key, value in (("repo_type", repo_type), ("subfolder", subfolder))
         if value and value != ("dataset" if key == "repo_type" else None)
     )
-    lines = ["import dmin_diffusers as dm", ""]
-    lines.append(f'pipe = dm.{cls}.from_pretrained("{config.base_model or "<base model>"}")')
+    lines = ["import dmin_diffusers as dm"] + ([] if ready_made else ["from diffusers import DiffusionPipeline"])
+    lines += ["", f'pipe = {cls}.from_pretrained("{config.base_model or "<base model>"}")']
+    if ready_made is None:
+        lines.append("pipe = dm.enable_attribution(pipe)  # after registering its family with dm.register_family")
     if config.adapter:
         lines.append(f'pipe.load_lora_weights("{config.adapter}")')
     lines.append(f'pipe.load_attribution_index("{repo_id}"{extra})')
@@ -81,23 +88,23 @@ def usage_snippet(
 
 
 def make_index_card(
-    index: AttributionIndex, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
+    index: IndexSummary, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
 ) -> DatasetCard:
-    """A dataset card describing ``index``: model, training data, DMin settings, storage, how it was built and how
+    """A dataset card describing an index: model, training data, DMin settings, storage, how it was built and how
     to use it. Its metadata carries :data:`CARD_TAGS`, ``viewer: false`` (the files are not a table) and the
     DMin settings under ``dmin``."""
-    config, info, manifest = index.config, index.dataset_info, index.manifest or {}
+    config, info, manifest = index.config, index.dataset_info, index.manifest
     files = manifest.get("files", {})
     shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
     knn_bytes = sum(int(files.get(name, {}).get("bytes", 0)) for name in KNN_FILES)
-    total_bytes = sum((index.directory / name).stat().st_size for name in index.files())
+    knn_dim = config.knn_dim or config.projection_dim
     num_rows = int(info.get("num_rows") or index.num_rows)
     dataset_name = info.get("name")
     dmin_settings = {
         "num_timesteps": config.num_timesteps,
         "timesteps": config.timesteps,
         "projection_dim": config.projection_dim,
-        "knn_dim": index.knn_dim,
+        "knn_dim": knn_dim,
         "knn_projection": config.knn_projection,
         "seed": config.seed,
         "objective": config.objective,
@@ -141,13 +148,13 @@ def make_index_card(
         ("training objective", config.objective),
         ("resolution", config.resolution),
         ("HNSW", f"inner product, M={config.hnsw_m}, ef_construction={config.hnsw_ef_construction}, "
-                 f"{index.knn_dim} values per timestep ({config.knn_projection})"),
+                 f"{knn_dim} values per timestep ({config.knn_projection})"),
     ]
     storage_rows = [
         ("rows x values", f"{index.num_rows:,} x {config.row_dim:,} ({config.storage_dtype})"),
         ("vector shards", f"{len(manifest.get('shards', []))} safetensors files, {_megabytes(shard_bytes)}"),
         ("HNSW files", _megabytes(knn_bytes) if knn_bytes else "not included (rebuilt on first use)"),
-        ("total", _megabytes(total_bytes)),
+        ("total", _megabytes(index.total_bytes)),
     ]
     body = f"""
 # {data.pretty_name}
@@ -184,7 +191,7 @@ with the sha256 and size of every file, checked when the index is loaded.
 ## Usage
 
 ```python
-{usage_snippet(index, repo_id, repo_type, subfolder)}
+{usage_snippet(config, repo_id, repo_type, subfolder)}
 ```
 
 The pipeline must be the one the index was built for: its tracked parameters (names, shapes and values), the

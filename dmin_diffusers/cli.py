@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -20,8 +21,10 @@ from collections.abc import Sequence
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 
+from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN
 from .config import KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS
 from .gradients import DEFAULT_BATCH_BYTES
+from .mixin import DEFAULT_TOP_K
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--instance_data_dir", default=None, help="DreamBooth instance images")
     cache.add_argument("--instance_prompt", default=None)
     cache.add_argument("--cache_dir", default=None)
-    cache.add_argument("--image_column", default="image")
-    cache.add_argument("--caption_column", default="text")
+    cache.add_argument("--image_column", default=DEFAULT_IMAGE_COLUMN)
+    cache.add_argument("--caption_column", default=DEFAULT_CAPTION_COLUMN)
     cache.add_argument("--resolution", type=int, default=None)
     cache.add_argument("--center_crop", action="store_true", help="accepted for compatibility: caching always center-crops")
     cache.add_argument("--random_flip", action="store_true", help="accepted for compatibility: caching never flips")
@@ -62,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--knn_dim", type=int, default=None, help="HNSW values per timestep (default 64)")
     cache.add_argument("--knn_projection", default=None, choices=list(KNN_PROJECTIONS),
                        help="how rows become HNSW vectors (default pca)")
+    cache.add_argument("--max_sequence_length", type=int, default=None,
+                       help="T5 prompt length (SD3, Flux; default: that of the family's training scripts)")
+    cache.add_argument("--guidance_scale", type=float, default=None,
+                       help="guidance given to a transformer with a guidance embedding (Flux.1 dev; default 3.5)")
     cache.add_argument("--dmin_seed", type=int, default=None, help="seed of the fixed noise and the compressor")
     cache.add_argument("--storage_dtype", default=None, choices=list(STORAGE_DTYPES))
     cache.add_argument("--tracked_parameters", nargs="*", default=None, help="fnmatch patterns of parameter names")
@@ -82,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--index", required=True, help="attribution index (directory or Hub id)")
     attribute.add_argument("--image", required=True)
     attribute.add_argument("--prompt", default=None)
-    attribute.add_argument("--top_k", type=int, default=10)
+    attribute.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
     attribute.add_argument("--exact", action="store_true", help="score every row instead of HNSW")
     attribute.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
 
@@ -91,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo_id", required=True)
     push.add_argument("--private", action="store_true")
     push.add_argument("--token", default=None)
-    push.add_argument("--revision", default=None)
+    push.add_argument("--branch", "--revision", dest="branch", default=None, help="branch to push to")
+    push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--repo_type", default="dataset")
     return parser
 
@@ -158,7 +166,8 @@ def run_cache(args: argparse.Namespace) -> None:
         "knn_dim": args.knn_dim, "knn_projection": args.knn_projection, "storage_dtype": args.storage_dtype,
         "tracked_parameters": args.tracked_parameters, "shard_size": args.shard_size,
         "output_function": args.output_function, "timestep_spacing": args.timestep_spacing, "noise": args.noise,
-        "noise_draws": args.noise_draws,
+        "noise_draws": args.noise_draws, "max_sequence_length": args.max_sequence_length,
+        "guidance_scale": args.guidance_scale,
     }
     settings = {key: value for key, value in settings.items() if value is not None}
     config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(
@@ -202,13 +211,17 @@ def run_push(args: argparse.Namespace) -> None:
 
     index = AttributionIndex.from_pretrained(args.index)
     commit = index.push_to_hub(
-        args.repo_id, private=args.private, token=args.token, revision=args.revision, repo_type=args.repo_type
+        args.repo_id, private=args.private, token=args.token, branch=args.branch, create_pr=args.create_pr,
+        repo_type=args.repo_type,
     )
     print(getattr(commit, "commit_url", commit))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library logs its summaries (e.g. how many rows were cached); the command shows them on stderr
+    logging.basicConfig(format="%(message)s")
+    logging.getLogger("dmin_diffusers").setLevel(logging.INFO)
     try:
         {"cache": run_cache, "attribute": run_attribute, "push": run_push}[args.command](args)
     except (ValueError, TypeError, OSError, HfHubHTTPError) as error:  # OSError: a missing file or model

@@ -107,7 +107,10 @@ class DMinConfig:
             the LoRA parameters when the denoiser has adapters, else all its trainable parameters.
         resolution: training image size; by default the denoiser's native size.
         center_crop: crop the center after resizing (otherwise the top-left corner), as the training scripts.
-        max_sequence_length: T5 prompt length for SD3 (default 77, as diffusers' SD3 training scripts).
+        max_sequence_length: T5 prompt length (SD3 and Flux; by default that of the family's training scripts:
+            77 for SD3, 512 for Flux).
+        guidance_scale: the guidance value given to a transformer with a guidance embedding (Flux.1 dev), as the
+            training script's ``--guidance_scale`` (default 3.5); ignored by other models.
         storage_dtype: dtype of the stored vectors.
         knn_dim: per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; by default 64
             (:func:`default_knn_dim`). The HNSW index proposes candidates that are re-ranked exactly on the stored
@@ -143,6 +146,7 @@ class DMinConfig:
     resolution: int | None = None
     center_crop: bool = True
     max_sequence_length: int | None = None
+    guidance_scale: float | None = None
     storage_dtype: str = "float16"
     knn_dim: int | None = None
     knn_projection: str = "pca"
@@ -177,6 +181,12 @@ class DMinConfig:
             value = getattr(self, name)
             if not (optional and value is None):
                 setattr(self, name, check_integer(name, value, low, high, type_error=ValueError))
+        if self.guidance_scale is not None:
+            if isinstance(self.guidance_scale, (bool, np.bool_)) or not isinstance(self.guidance_scale, (int, float)):
+                raise ValueError(f"guidance_scale must be a number or None, got {self.guidance_scale!r}")
+            if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+                raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale!r}")
+            self.guidance_scale = float(self.guidance_scale)
         if not isinstance(self.center_crop, (bool, np.bool_)):
             raise ValueError(f"center_crop must be True or False, got {self.center_crop!r}")
         self.center_crop = bool(self.center_crop)

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from .config import DMinConfig, default_knn_dim
-from .families import SD3_DEFAULT_MAX_SEQUENCE_LENGTH, PipelineFamily
+from .families.base import PipelineFamily, PreparedExample
 from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fingerprint
-from .inputs import ImageInput, preprocess_image
-from .objectives import make_objective, spread_timesteps
+from .inputs import ImageInput
+from .objectives import spread_timesteps
 from .sketch import SketchProjector
 
 NamedParameters = list[tuple[str, torch.nn.Parameter]]
@@ -140,14 +140,6 @@ def default_base_model(pipeline) -> str | None:
 
 
 @dataclass
-class PreparedExample:
-    """A training row or query as model inputs: clean latents and prompt conditioning."""
-
-    latents: torch.Tensor
-    conditioning: dict[str, torch.Tensor]
-
-
-@dataclass
 class _DenoiserInputs:
     """One (example, timestep) sample noised with the fixed noise: ``noise_draws`` copies of each input."""
 
@@ -200,7 +192,7 @@ class GradientSketcher:
         self.family = family
         self.config = config
         self.parameters = select_tracked_parameters(family.denoiser, config.tracked_parameters)
-        self.objective = make_objective(family.pipeline.scheduler, config.objective)
+        self.objective = family.objective(config.objective)
         self.projector = SketchProjector(
             [p.numel() for _, p in self.parameters], config.projection_dim, config.seed, code_cache_bytes
         )
@@ -219,14 +211,7 @@ class GradientSketcher:
 
     def prepare(self, image: ImageInput, prompt: str | None) -> PreparedExample:
         """Preprocesses and encodes one (image, prompt) pair exactly as for training rows."""
-        pixels = preprocess_image(
-            image, self.config.resolution, self.family.image_channels, center_crop=self.config.center_crop
-        )
-        latents = self.family.encode_image(pixels)
-        conditioning = (
-            self.family.encode_prompt(prompt, self.config.max_sequence_length) if self.family.takes_prompt else {}
-        )
-        return PreparedExample(latents=latents, conditioning=conditioning)
+        return self.family.prepare(image, prompt, self.config)
 
     def noise(self, latents: torch.Tensor, position: int = 0) -> torch.Tensor:
         """The fixed noise of the ``position``-th timestep of the config: ``noise_draws`` tensors shaped like one
@@ -412,29 +397,27 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
     """Fills in the fields that come from the pipeline: family, objective, timesteps, resolution, the tracked
     parameters with their value digests and fingerprint, and the denoiser and objective fingerprints; and
     ``knn_dim``, when unset, with its default. Fields already set are kept (and validated)."""
-    objective = make_objective(family.pipeline.scheduler, config.objective)
+    objective = family.objective(config.objective)
     num_train = objective.num_train_timesteps
     timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train, config.timestep_spacing)
     bad = [t for t in timesteps if not 0 <= t < num_train]
     if bad:
         raise ValueError(f"timesteps {bad} are outside the training schedule [0, {num_train})")
     resolution = config.resolution or family.native_resolution()
-    factor = int(family.pipeline.vae_scale_factor) if getattr(family.pipeline, "vae", None) is not None else 1
+    factor = family.resolution_multiple
     if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of the VAE's downsampling factor {factor}")
+        raise ValueError(f"resolution {resolution} is not a multiple of {factor} (the image size step of {family.name} "
+                         "pipelines)")
     tracked = select_tracked_parameters(family.denoiser, config.tracked_parameters)
     description = describe_parameters(tracked)
     digests = parameter_digests(tracked)
-    max_sequence_length = config.max_sequence_length
-    if family.name == "sd3" and max_sequence_length is None:
-        max_sequence_length = SD3_DEFAULT_MAX_SEQUENCE_LENGTH
     return config.replace(
         family=family.name,
         objective=objective.name,
         num_train_timesteps=num_train,
         timesteps=list(timesteps),
         resolution=resolution,
-        max_sequence_length=max_sequence_length,
+        **family.resolved_settings(config),
         knn_dim=config.knn_dim or default_knn_dim(config.projection_dim),
         parameters=description,
         parameter_fingerprint=parameter_fingerprint(description, digests),

@@ -30,6 +30,7 @@ from huggingface_hub import (
 )
 from huggingface_hub.utils import validate_hf_hub_args
 
+from ._version import __version__
 from .config import CONFIG_NAME
 from .search import KNN_FILES
 from .store import MANIFEST_NAME, SHARD_DIR, manifest_entries, read_manifest
@@ -52,14 +53,7 @@ class IndexLocation:
     directory: Path
     source: str
     from_hub: bool = False
-    repo_id: str | None = None
     commit: str | None = None
-
-
-def _library_version() -> str:
-    from . import __version__
-
-    return __version__
 
 
 def _prefixed(subfolder: str | None, name: str) -> str:
@@ -119,7 +113,7 @@ def download_index(
     card), e.g. to check that an index fits a pipeline before downloading its vectors."""
     common = dict(
         repo_type=repo_type, cache_dir=cache_dir, token=token, local_files_only=local_files_only,
-        library_name=LIBRARY_NAME, library_version=_library_version(),
+        library_name=LIBRARY_NAME, library_version=__version__,
     )
     metadata = [_prefixed(subfolder, name) for name in (*METADATA_FILES, CARD_NAME)]
     snapshot = Path(
@@ -131,7 +125,7 @@ def download_index(
     missing = [name for name in (CONFIG_NAME, MANIFEST_NAME) if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{where} is not an attribution index: {', '.join(missing)} not found there")
-    location = IndexLocation(directory=directory, source=where, from_hub=True, repo_id=repo_id, commit=commit)
+    location = IndexLocation(directory=directory, source=where, from_hub=True, commit=commit)
     if metadata_only:
         return location
     manifest = read_manifest(directory)
@@ -203,7 +197,7 @@ def upload_index(
     repository (and the ``revision`` branch) if needed. Returns the :class:`~huggingface_hub.CommitInfo` of the
     last commit, the one that makes the new index visible (with ``create_pr``, the single commit of the PR)."""
     directory = Path(directory)
-    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=_library_version())
+    api = HfApi(token=token, library_name=LIBRARY_NAME, library_version=__version__)
     repo_id = api.create_repo(repo_id, private=private, repo_type=repo_type, exist_ok=True).repo_id
     if revision not in (None, constants.DEFAULT_REVISION) and not create_pr:
         api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from huggingface_hub import CommitInfo
 
+from .card import IndexSummary, make_index_card
 from .config import CONFIG_NAME, DMinConfig
 from .dataset_rows import HubDatasetRows, infer_hub_reference
 from .fingerprints import dataset_digest
@@ -166,16 +167,35 @@ class AttributionIndex:
         names += [shard["file"] for shard in self.store.shards]
         return names + [name for name in KNN_FILES if (self.directory / name).is_file()]
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *, overwrite: bool = False) -> None:
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        push_to_hub: bool = False,
+        repo_id: str | None = None,
+        **push_kwargs: Any,
+    ) -> CommitInfo | None:
         """Copies the index files (config, manifest, shards, HNSW files, dataset reference) to a directory; an
         HNSW index rebuilt in memory is written there too, and the manifest lists the checksums of every file.
 
         A directory that already holds another index is refused unless ``overwrite=True`` (its index files are
         then replaced); one that holds anything else is always refused. The directory's write lock is held while
-        writing, so a concurrent build or save there fails with a clear error instead of mixing files."""
+        writing, so a concurrent build or save there fails with a clear error instead of mixing files.
+
+        With ``push_to_hub=True`` the saved copy is then pushed to ``repo_id`` (default: the directory's name), with
+        ``push_kwargs`` passed on to :meth:`push_to_hub`; the commit's :class:`~huggingface_hub.CommitInfo` is
+        returned.
+        """
         target = Path(save_directory)
-        if target.exists() and target.resolve() == self.directory.resolve():
-            return
+        if not (target.exists() and target.resolve() == self.directory.resolve()):
+            self._copy_to(target, overwrite)
+        if not push_to_hub:
+            return None
+        saved = self if target.resolve() == self.directory.resolve() else AttributionIndex(target)
+        return saved.push_to_hub(repo_id or target.resolve().name, **push_kwargs)
+
+    def _copy_to(self, target: Path, overwrite: bool) -> None:
         check_not_foreign(target)
         with index_write_lock(target):
             existing = read_manifest(target) if (target / CONFIG_NAME).exists() else None
@@ -204,13 +224,13 @@ class AttributionIndex:
     def push_to_hub(
         self,
         repo_id: str,
+        *,
         private: bool | None = None,
         token: str | bool | None = None,
-        revision: str | None = None,
+        branch: str | None = None,
+        create_pr: bool = False,
         commit_message: str | None = None,
         repo_type: str = "dataset",
-        create_pr: bool = False,
-        *,
         subfolder: str | None = None,
         max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
     ) -> CommitInfo:
@@ -220,11 +240,11 @@ class AttributionIndex:
             repo_id: ``"user/name"`` (or ``"name"`` in your own namespace).
             private: visibility of a newly created repository.
             token: Hub token (default: the one ``huggingface_hub`` finds).
-            revision: branch to push to; created from ``main`` when it does not exist.
+            branch: branch to push to; created from ``main`` when it does not exist.
+            create_pr: open a pull request instead of committing to the branch (one commit).
             commit_message: message of the commit (default ``"Upload DMin attribution index"``).
             repo_type: ``"dataset"`` by default; ``"model"`` puts the index in a model repository (e.g. beside a
                 LoRA, with ``subfolder``).
-            create_pr: open a pull request instead of committing to the branch (one commit).
             subfolder: folder of the repository to put the index in; its card goes there too.
             max_commit_bytes: vector shards are committed in batches of at most this many bytes before the
                 commit of the metadata, so a large upload can be resumed.
@@ -232,15 +252,17 @@ class AttributionIndex:
         Returns:
             the :class:`~huggingface_hub.CommitInfo` of the commit that holds the complete index.
         """
-        from .card import make_index_card
-
         if not self.read_only:
             self.record_checksums()
         self._check_complete()
         verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES)  # never publish damage
-        card = make_index_card(self, repo_id, repo_type=repo_type, subfolder=subfolder)
+        summary = IndexSummary(
+            self.config, self.dataset_info, self.manifest, self.num_rows,
+            sum((self.directory / name).stat().st_size for name in self.files()),
+        )
+        card = make_index_card(summary, repo_id, repo_type=repo_type, subfolder=subfolder)
         return upload_index(
-            self.directory, repo_id, self.files(), card, private=private, token=token, revision=revision,
+            self.directory, repo_id, self.files(), card, private=private, token=token, revision=branch,
             commit_message=commit_message, repo_type=repo_type, create_pr=create_pr, subfolder=subfolder,
             max_commit_bytes=max_commit_bytes,
         )

@@ -7,6 +7,7 @@ deterministic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,19 +121,41 @@ def _array_to_pil(array: np.ndarray, sixteen_bit: bool = False) -> PIL.Image.Ima
     return PIL.Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8))
 
 
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where the training crop of an image lies, in the terms SDXL's training scripts record it: the image's
+    ``(height, width)`` before resizing, the ``(top, left)`` corner of the crop in the resized image, and the crop's
+    ``(height, width)``; and the resized image's ``(height, width)``."""
+
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    target_size: tuple[int, int]
+    resized_size: tuple[int, int]
+
+
+def crop_geometry(width: int, height: int, resolution: int, center_crop: bool = True) -> CropGeometry:
+    """The crop of the training scripts for a ``width`` x ``height`` image: the short side is resized to
+    ``resolution`` (the long side to ``int(resolution * long / short)``), then the center (or the top-left corner)
+    ``resolution`` x ``resolution`` square is cut."""
+    short = min(width, height)
+    new_width, new_height = int(resolution * width / short), int(resolution * height / short)
+    top = max(0, int(round((new_height - resolution) / 2.0))) if center_crop else 0
+    left = max(0, int(round((new_width - resolution) / 2.0))) if center_crop else 0
+    return CropGeometry((height, width), (top, left), (resolution, resolution), (new_height, new_width))
+
+
 def preprocess_image(
     image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True
 ) -> torch.Tensor:
-    """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``."""
+    """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``, resized and cropped
+    as :func:`crop_geometry` says."""
     resolution = check_integer("resolution", resolution, 1)
     pil = to_pil(image).convert("L" if channels == 1 else "RGB")
-    width, height = pil.size
-    short = min(width, height)
-    new_size = (int(resolution * width / short), int(resolution * height / short))
+    geometry = crop_geometry(*pil.size, resolution, center_crop)
+    new_size = geometry.resized_size[::-1]  # PIL sizes are (width, height)
     if new_size != pil.size:
         pil = pil.resize(new_size, PIL.Image.BILINEAR)
-    left = int(round((new_size[0] - resolution) / 2.0)) if center_crop else 0
-    top = int(round((new_size[1] - resolution) / 2.0)) if center_crop else 0
+    top, left = geometry.crop_top_left
     pil = pil.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
     if array.ndim == 2:

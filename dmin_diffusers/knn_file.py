@@ -25,11 +25,6 @@ _LABEL_BYTES = 8
 _CHUNK_ROWS = 1 << 15
 
 
-def knn_file_size_estimate(dim: int, num_rows: int, m: int) -> int:
-    """Bytes of the level-0 part of an hnswlib file (upper levels add about ``1/M`` more)."""
-    return _HEADER.size + num_rows * ((2 * m + 1) * 4 + dim * 4 + _LABEL_BYTES + 4)
-
-
 def check_knn_file(
     path: str | os.PathLike,
     dim: int,

@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMPipeline, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
-from .caching import cache_dataset
+from diffusers import DiffusionPipeline
+
+from .caching import DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
 from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, check_config_matches
@@ -20,8 +21,13 @@ from .inputs import ImageInput, to_pil
 from .result import AttributionResult
 
 
+#: rows returned by ``attribute`` (and ``dmin attribute``) unless told otherwise
+DEFAULT_TOP_K = 10
+
+
 class InfluenceMixin:
-    """Adds DMin training-data attribution to a diffusers pipeline (DDPM, Stable Diffusion, SD3).
+    """Adds DMin training-data attribution to a diffusers pipeline of any registered family (DDPM, Stable
+    Diffusion 1.x/2.x, SDXL, SD3, Flux, and those added with :func:`~dmin_diffusers.register_family`).
 
     Index state lives in private attributes, so the pipeline's components, config and ``save_pretrained``
     output are those of the plain diffusers class.
@@ -36,6 +42,16 @@ class InfluenceMixin:
         config["_class_name"] = _diffusers_base(type(self)).__name__
         return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs: Any):
+        """diffusers' ``from_pipe`` (a new pipeline on the same components); an attribution index attached to
+        ``pipeline`` is attached to the new one too, after the usual check that it belongs to it."""
+        new = super().from_pipe(pipeline, **kwargs)
+        index = getattr(pipeline, "_attribution_index", None)
+        if index is not None:
+            new.load_attribution_index(index)
+        return new
+
     @property
     def attribution_index(self) -> AttributionIndex | None:
         """The attached :class:`AttributionIndex`, if any."""
@@ -46,7 +62,7 @@ class InfluenceMixin:
         dataset: Any,
         output_dir: str | os.PathLike,
         config: DMinConfig | None = None,
-        image_column: str = "image",
+        image_column: str = DEFAULT_IMAGE_COLUMN,
         caption_column: str | None = None,
         dataset_reference: dict[str, Any] | None = None,
         progress: bool = True,
@@ -61,7 +77,7 @@ class InfluenceMixin:
         Args:
             dataset: a ``datasets.Dataset`` (rows are identified by their position in it).
             output_dir: directory for the index files.
-            config: DMin settings; the paper's defaults when omitted.
+            config: DMin settings; :class:`DMinConfig`'s defaults when omitted.
             image_column: column with the training images.
             caption_column: column with the prompts (text-to-image pipelines only; default ``"text"``).
             dataset_reference: where the dataset comes from (``name``, ``config_name``, ``revision``, ``split``),
@@ -81,7 +97,7 @@ class InfluenceMixin:
 
     def load_attribution_index(
         self,
-        index: str | os.PathLike | AttributionIndex,
+        pretrained_index_name_or_path: str | os.PathLike | AttributionIndex,
         dataset: Any = None,
         strict: bool = True,
         *,
@@ -91,11 +107,13 @@ class InfluenceMixin:
         local_files_only: bool = False,
         **kwargs: Any,
     ) -> AttributionIndex:
-        """Attaches a saved index to this pipeline, from a directory or a Hub repository.
+        """Attaches a saved index to this pipeline, from a directory or a Hub repository (replacing any index
+        attached before).
 
         Args:
-            index: a directory written by ``build_attribution_index`` / ``save_pretrained``, a Hub repository id
-                written by ``AttributionIndex.push_to_hub``, or an index.
+            pretrained_index_name_or_path: a directory written by ``build_attribution_index`` /
+                ``save_pretrained``, a Hub repository id written by ``AttributionIndex.push_to_hub``, or an
+                :class:`AttributionIndex`.
             dataset: the training ``datasets.Dataset``, so that results can return the rows themselves (by
                 default they are loaded from the Hub dataset the index records, when there is one).
             strict: refuse (``ValueError``) an index whose config, tracked parameters (names, shapes, values),
@@ -120,6 +138,7 @@ class InfluenceMixin:
                 raise ValueError(message + " (pass strict=False to use it anyway)")
             warnings.warn(message, stacklevel=3)
 
+        index = pretrained_index_name_or_path
         if isinstance(index, AttributionIndex):
             check(index.source, index.config)
         else:
@@ -141,6 +160,12 @@ class InfluenceMixin:
         self._attribution_sketcher = GradientSketcher(family, index.config)
         return index
 
+    def unload_attribution_index(self) -> None:
+        """Detaches the attribution index (and the state computed for it), as ``unload_lora_weights`` does for
+        LoRA weights; ``attribute`` then needs ``load_attribution_index`` again."""
+        self._attribution_index = None
+        self._attribution_sketcher = None
+
     def attribution_vector(self, image: ImageInput, prompt: str | None = None) -> torch.Tensor:
         """The ``(T, K)`` DMin vector of one image (and prompt), computed exactly as for training rows."""
         sketcher = self._require_sketcher()
@@ -148,33 +173,44 @@ class InfluenceMixin:
         return sketcher.sketch(sketcher.prepare(image, prompt))
 
     def attribute(
-        self, image: ImageInput, prompt: str | None = None, top_k: int = 10, exact: bool = False
-    ) -> AttributionResult:
+        self,
+        image: ImageInput | list[ImageInput],
+        prompt: str | list[str] | None = None,
+        top_k: int = DEFAULT_TOP_K,
+        exact: bool = False,
+    ) -> AttributionResult | list[AttributionResult]:
         """The ``top_k`` training rows with the largest DMin influence on ``image``.
 
         Args:
-            image: the generated image: PIL, numpy or torch, as diffusers pipelines return it.
-            prompt: the prompt it was generated from (omit for unconditional pipelines).
+            image: the generated image: PIL, numpy or torch, as diffusers pipelines return it. A batch (a list of
+                images, or a 4-D array or tensor as ``output_type="np"`` / ``"pt"`` gives) returns one result per
+                image, their gradients computed in batched backward passes.
+            prompt: the prompt the image was generated from (omit for unconditional pipelines); for a batch,
+                one prompt for every image or a list with one per image.
             top_k: how many rows to return (all rows if the index has fewer): an integer of at least 1 (a Python or
                 numpy integer, not a bool or a float).
             exact: score every row; by default HNSW proposes the candidates.
+
+        Returns:
+            an :class:`AttributionResult`, or a list of them for a batch.
         """
         top_k = check_integer("top_k", top_k, 1)
         if not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact must be True or False, got {type(exact).__name__} {exact!r}")
-        index = self._require_index()
-        vector = self.attribution_vector(image, prompt)
-        indices, scores = index.search(vector, top_k, exact=bool(exact))
-        return AttributionResult(
-            indices=indices,
-            scores=scores,
-            image=to_pil(image),
-            prompt=prompt,
-            exact=bool(exact),
-            dataset=index.dataset,
-            image_column=index.dataset_info.get("image_column"),
-            caption_column=index.dataset_info.get("caption_column"),
-        )
+        index, sketcher = self._require_index(), self._require_sketcher()
+        images, prompts, is_batch = _as_batch(image, prompt)
+        for each in prompts:
+            _check_prompt(sketcher.family, each)
+        vectors = sketcher.sketch_many([sketcher.prepare(img, text) for img, text in zip(images, prompts)])
+        results = []
+        for img, text, vector in zip(images, prompts, vectors):
+            indices, scores = index.search(vector, top_k, exact=bool(exact))
+            results.append(AttributionResult(
+                indices=indices, scores=scores, image=to_pil(img), prompt=text, exact=bool(exact),
+                dataset=index.dataset, image_column=index.dataset_info.get("image_column"),
+                caption_column=index.dataset_info.get("caption_column"),
+            ))
+        return results if is_batch else results[0]
 
     def _require_index(self) -> AttributionIndex:
         if self._attribution_index is None:
@@ -186,6 +222,25 @@ class InfluenceMixin:
     def _require_sketcher(self) -> GradientSketcher:
         self._require_index()
         return self._attribution_sketcher
+
+
+def _as_batch(image: Any, prompt: Any) -> tuple[list[Any], list[Any], bool]:
+    """``(images, prompts, is_batch)``: a list, tuple, or 4-D array / tensor of images is a batch."""
+    if isinstance(image, (list, tuple)):
+        images = list(image)
+    elif isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
+        images = list(image)
+    else:
+        if isinstance(prompt, (list, tuple)):
+            raise TypeError("one image takes one prompt (a string); pass a list of images for a list of prompts")
+        return [image], [prompt], False
+    if not images:
+        raise ValueError("the batch of images is empty")
+    if isinstance(prompt, (list, tuple)):
+        if len(prompt) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompt)} prompts: give one prompt per image, or one")
+        return images, list(prompt), True
+    return images, [prompt] * len(images), True
 
 
 def _check_prompt(family: PipelineFamily, prompt: Any) -> None:
@@ -204,28 +259,13 @@ def _diffusers_base(cls: type) -> type:
     return next(base for base in cls.__mro__ if not issubclass(base, InfluenceMixin))
 
 
-class DMinDDPMPipeline(InfluenceMixin, DDPMPipeline):
-    """`DDPMPipeline` with DMin attribution: ``pipe.attribute(image, top_k=10)``."""
-
-
-class DMinStableDiffusionPipeline(InfluenceMixin, StableDiffusionPipeline):
-    """`StableDiffusionPipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
-
-
-class DMinStableDiffusion3Pipeline(InfluenceMixin, StableDiffusion3Pipeline):
-    """`StableDiffusion3Pipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
-
-
-_READY_MADE = {
-    DDPMPipeline: DMinDDPMPipeline,
-    StableDiffusionPipeline: DMinStableDiffusionPipeline,
-    StableDiffusion3Pipeline: DMinStableDiffusion3Pipeline,
-}
 _DYNAMIC: dict[type, type] = {}
 
 
 def enable_attribution(pipeline: DiffusionPipeline) -> DiffusionPipeline:
-    """Gives an existing pipeline instance the `InfluenceMixin` methods, in place, and returns it.
+    """Gives an existing pipeline instance the `InfluenceMixin` methods, in place, and returns it: it becomes
+    its family's ready-made ``DMin...Pipeline`` when it is an instance of exactly that pipeline class, else a
+    ``DMin<its class>`` subclass made on the fly.
 
     Its components are untouched, and ``save_pretrained`` still writes the original class name.
     """
@@ -233,9 +273,12 @@ def enable_attribution(pipeline: DiffusionPipeline) -> DiffusionPipeline:
         return pipeline
     if not isinstance(pipeline, DiffusionPipeline):
         raise TypeError(f"expected a diffusers pipeline, got {type(pipeline).__name__}")
-    detect_family(pipeline)  # fail early for unsupported pipelines
+    family = detect_family(pipeline)  # fail early for unsupported pipelines
     cls = type(pipeline)
-    if cls not in _READY_MADE and cls not in _DYNAMIC:
+    if family.ready_made is not None and _diffusers_base(family.ready_made) is cls:
+        pipeline.__class__ = family.ready_made
+        return pipeline
+    if cls not in _DYNAMIC:
         _DYNAMIC[cls] = type(f"DMin{cls.__name__}", (InfluenceMixin, cls), {"__module__": __name__})
-    pipeline.__class__ = _READY_MADE.get(cls) or _DYNAMIC[cls]
+    pipeline.__class__ = _DYNAMIC[cls]
     return pipeline

@@ -57,7 +57,7 @@ class DiffusionObjective:
 
 
 class FlowMatchingObjective:
-    """Rectified-flow objective of SD3: ``x_t = (1 - sigma) x + sigma * noise``, target ``noise - x``.
+    """Rectified-flow objective of SD3 and Flux: ``x_t = (1 - sigma) x + sigma * noise``, target ``noise - x``.
 
     Timestep ``t`` in ``[0, num_train_timesteps)`` picks the ``t``-th smallest training sigma (shift applied),
     so that, as for DDPM, the noise level grows with ``t``.

@@ -26,11 +26,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .config import STORAGE_DTYPES
+
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "vectors"
 ROW_DIGEST_BYTES = 8
 STORE_VERSION = 2  # 2: shards carry row digests and the manifest a checksum of itself
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_DTYPES = {name: getattr(torch, name) for name in STORAGE_DTYPES}
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -267,8 +267,8 @@ def attribute_generated(
     train_labels = np.asarray(train_dataset["label"])
     match_rates, chance_rates = [], []
     with timed("attribute", timings):
-        for i, (image, label) in enumerate(zip(images, labels)):
-            result = pipe.attribute(image, top_k=top_k)
+        results = pipe.attribute(images, top_k=top_k)  # a list of images: one result each, in batched passes
+        for i, (result, label) in enumerate(zip(results, labels)):
             result.to_image().save(output_dir / f"attribution-{i}.png")
             top_labels = train_labels[result.indices]  # result.indices are row numbers of train_dataset
             match_rates.append(float(np.mean(top_labels == label)))

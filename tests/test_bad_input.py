@@ -15,7 +15,7 @@ from dmin_diffusers.cli import main as dmin_main
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.inputs import preprocess_image, to_pil
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, tiny_pipeline
 from dmin_diffusers.training_data import load_training_dataset
 
 NUM_ROWS = 4
@@ -344,7 +344,7 @@ def test_missing_data_directories_are_refused_by_the_dataset_loader(tmp_path):
 
 def test_resolution_must_fit_the_vae():
     pipe = tiny_pipeline("stable-diffusion", lora_rank=4)
-    with pytest.raises(ValueError, match="resolution 33 is not a multiple of the VAE's downsampling factor 2"):
+    with pytest.raises(ValueError, match="resolution 33 is not a multiple of 2"):
         resolve_config(dm.DMinConfig(num_timesteps=2, projection_dim=256, resolution=33), detect_family(pipe))
 
 

@@ -8,19 +8,23 @@ import torch
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
-from dmin_diffusers.testing import make_caption_dataset, make_image_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 NUM_ROWS = 3
 MODELS = [  # (family, LoRA rank or None for full tracking)
     ("ddpm", 4), ("ddpm", None),
     ("stable-diffusion", 4), ("stable-diffusion", None),
+    ("sdxl", 4), ("sdxl", None),
     ("sd3", 4), ("sd3", None),
+    ("flux", 4), ("flux", None),
 ]
 
 
 def sketcher_and_examples(kind, lora_rank, batch_bytes=1 << 30, **fields):
     pipe = tiny_pipeline(kind, lora_rank=lora_rank)
     family = detect_family(pipe)
+    if kind == "flux":
+        fields.setdefault("resolution", 32)  # the tiny Flux generates 32x32; its native size is 128
     config = resolve_config(dm.DMinConfig(num_timesteps=3, projection_dim=512, **fields), family)
     sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
     if family.takes_prompt:

@@ -20,7 +20,7 @@ import dmin_diffusers as dm
 from dmin_diffusers.callbacks import GradientCacheCallback
 from dmin_diffusers.cli import main as dmin_main
 from dmin_diffusers.inputs import preprocess_image
-from dmin_diffusers.testing import add_lora, make_caption_dataset, tiny_pipeline
+from tiny_models import add_lora, make_caption_dataset, tiny_pipeline
 from dmin_diffusers.training_data import load_training_dataset
 
 NUM_ROWS = 8
@@ -233,7 +233,7 @@ def test_notes_for_the_diffusers_scripts_compile_and_read_their_arguments():
     readme = (Path(__file__).parent.parent / "callbacks" / "README.md").read_text()
     blocks = readme.split("```python\n")[1:]
     snippets = [block.split("```")[0] for block in blocks]
-    assert len(snippets) == 5  # the generic loop and the four scripts
+    assert len(snippets) == 7  # the generic loop and the six scripts
     for snippet in snippets:
         compile(snippet, "callbacks/README.md", "exec")
         assert len(snippet.strip().splitlines()) <= 4
@@ -260,3 +260,85 @@ def test_notes_for_the_diffusers_scripts_compile_and_read_their_arguments():
                                        train_data_dir="flowers", dmin_num_timesteps=4)
     callback = GradientCacheCallback.from_training_args(unconditional)
     assert callback.config.num_timesteps == 4 and callback.dataset_args["train_data_dir"] == "flowers"
+
+
+def script_note(script: str) -> str:
+    """The code block of callbacks/README.md's note on one of diffusers' example scripts."""
+    readme = (Path(__file__).parent.parent / "callbacks" / "README.md").read_text()
+    return readme.split(f"`examples/{script}`", 1)[1].split("```python\n", 1)[1].split("```")[0]
+
+
+@pytest.mark.parametrize("kind, script", [("sdxl", "text_to_image/train_text_to_image_lora_sdxl.py"),
+                                          ("flux", "dreambooth/train_dreambooth_lora_flux.py")])
+def test_the_sdxl_and_flux_notes_run_as_written(kind, script, tmp_path):
+    """The note's lines, run with what the script holds at that point: its args, accelerator, weight dtype, VAE and
+    training dataset, a base pipeline saved to disk and the LoRA the run saved to output_dir."""
+    from accelerate import PartialState
+    from diffusers import AutoencoderKL, FluxPipeline, StableDiffusionXLPipeline
+
+    extra = {"guidance_embeds": True} if kind == "flux" else {}
+    tiny_pipeline(kind, **extra).save_pretrained(tmp_path / "base")
+    trained = tiny_pipeline(kind, lora_rank=4, **extra)
+    denoiser_name = "transformer" if kind == "flux" else "unet"
+    layers = get_peft_model_state_dict(getattr(trained, denoiser_name))
+    type(trained).save_lora_weights(tmp_path / "out", **{f"{denoiser_name}_lora_layers": layers})
+    rows = make_caption_dataset(4)
+    common = dict(pretrained_model_name_or_path=str(tmp_path / "base"), revision=None, variant=None,
+                  output_dir=str(tmp_path / "out"), resolution=32, seed=0, image_column="image", dataset_name=None,
+                  dmin_num_timesteps=2, dmin_projection_dim=256)
+    if kind == "sdxl":  # train_text_to_image_lora_sdxl.py's arguments; train_dataset is its datasets.Dataset
+        args = argparse.Namespace(**common, caption_column="text", center_crop=False, random_flip=True,
+                                  dataset_config_name=None, train_data_dir=None, cache_dir=None, max_train_samples=None)
+        prompts = list(rows["text"])
+    else:  # train_dreambooth_lora_flux.py's: the rows come from the instance images and prompt
+        (tmp_path / "instances").mkdir()
+        for number, row in enumerate(rows):
+            row["image"].save(tmp_path / "instances" / f"{number}.png")
+        args = argparse.Namespace(**common, caption_column=None, instance_data_dir=str(tmp_path / "instances"),
+                                  instance_prompt="a photo of sks shape", max_sequence_length=512, guidance_scale=3.5)
+        prompts = ["a photo of sks shape"] * len(rows)
+    scope = {"args": args, "accelerator": PartialState(cpu=True), "weight_dtype": torch.float32, "train_dataset": rows,
+             "vae": AutoencoderKL.from_pretrained(tmp_path / "base" / "vae"),
+             "StableDiffusionXLPipeline": StableDiffusionXLPipeline, "FluxPipeline": FluxPipeline}
+    exec(compile(script_note(script), "callbacks/README.md", "exec"), scope)
+
+    pipeline = scope["pipeline"]
+    index = pipeline.attribution_index
+    assert index.directory == tmp_path / "out" / "dmin-index" and index.num_rows == len(rows)
+    assert index.config.family == kind and index.config.guidance_scale == (3.5 if kind == "flux" else None)
+    # the same vectors as caching the trained pipeline in memory with the script's settings
+    direct = dm.enable_attribution(trained).build_attribution_index(
+        index.dataset, tmp_path / "direct", config=GradientCacheCallback.from_training_args(args).config,
+        progress=False,
+    )
+    assert torch.equal(direct.store.get_rows(list(range(4))), index.store.get_rows(list(range(4))))
+    results = pipeline.attribute(list(rows["image"]), prompts, top_k=1, exact=True)
+    if kind == "sdxl":  # rows with their own captions retrieve themselves (with one prompt for every row, the
+        # image-specific part of a tiny random model's gradients is too small to rank on)
+        assert [result.indices for result in results] == [[0], [1], [2], [3]]
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "flux"])
+def test_cli_caches_and_attributes_sdxl_and_flux(kind, tmp_path, capsys):
+    extra = {"guidance_embeds": True} if kind == "flux" else {}
+    base = tiny_pipeline(kind, **extra)
+    base.save_pretrained(tmp_path / "base")
+    denoiser_name = "transformer" if kind == "flux" else "unet"
+    add_lora(getattr(base, denoiser_name), rank=4, seed=3)
+    layers = get_peft_model_state_dict(getattr(base, denoiser_name))
+    type(base).save_lora_weights(tmp_path / "lora", **{f"{denoiser_name}_lora_layers": layers})
+    data = write_imagefolder(tmp_path / "data")
+    model = ["--pretrained_model_name_or_path", str(tmp_path / "base"), "--lora_weights", str(tmp_path / "lora")]
+    flux_only = ["--guidance_scale", "2.0", "--max_sequence_length", "64"] if kind == "flux" else []
+    assert dmin_main(["cache", *model, "--train_data_dir", str(data), "--output_dir", str(tmp_path / "index"),
+                      "--num_timesteps", "3", "--projection_dim", "512", "--resolution", "32", *flux_only]) == 0
+    config = dm.AttributionIndex.from_pretrained(tmp_path / "index").config
+    assert config.family == kind and config.resolution == 32
+    assert (config.guidance_scale, config.max_sequence_length) == ((2.0, 64) if kind == "flux" else (None, None))
+    capsys.readouterr()
+    for row in (1, 6):
+        assert dmin_main(["attribute", *model, "--index", str(tmp_path / "index"), "--image",
+                          str(data / f"row_{row:03d}.png"), "--prompt", make_caption_dataset(NUM_ROWS)[row]["text"],
+                          "--top_k", "2"]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [line["rank"] for line in lines] == [1, 2] and lines[0]["row"] == row

@@ -11,7 +11,7 @@ from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import resolve_config
 from dmin_diffusers.inputs import preprocess_image, to_pil
 from dmin_diffusers.objectives import make_objective, spread_timesteps
-from dmin_diffusers.testing import tiny_pipeline
+from tiny_models import tiny_pipeline
 
 
 def test_config_defaults():

@@ -23,7 +23,7 @@ from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import check_config_matches
 from dmin_diffusers.index import describe_dataset
 from dmin_diffusers.store import IndexIntegrityError
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 REPO = "user/sd-lora-shapes-dmin"
 DATASET_REPO = "user/shapes"
@@ -259,3 +259,38 @@ def test_training_rows_come_from_the_recorded_hub_revision(local_hub, tmp_path):
     assert "user/gone" in missing.unavailable_reason
     assert "not on the Hub" in HubDatasetRows({"num_rows": 6}).unavailable_reason
     assert "built on 7" in HubDatasetRows(info | {"num_rows": 7}).unavailable_reason
+
+
+# ---------------------------------------------------------------------------------------------- every family
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "stable-diffusion", "sdxl", "sd3", "flux"])
+def test_every_family_round_trips_through_the_hub(local_hub, kind, tmp_path):
+    """save_pretrained(push_to_hub=True), then a fresh pipeline loads the index from the Hub and ranks as before."""
+    pipeline_class = {family.name: family.ready_made for family in dm.registered_families()}
+    pipe = tiny_pipeline(kind, pipeline_class=pipeline_class[kind], lora_rank=None if kind == "ddpm" else 4)
+    data = make_image_dataset(5) if kind == "ddpm" else make_caption_dataset(5)
+    config = dm.DMinConfig(num_timesteps=2, projection_dim=256, resolution=32 if kind == "flux" else None)
+    index = pipe.build_attribution_index(data, tmp_path / "built", config=config, progress=False)
+    commit = index.save_pretrained(tmp_path / "copy", push_to_hub=True, repo_id=f"user/{kind}-index", private=True)
+    assert repo_info(f"user/{kind}-index", repo_type="dataset").sha == commit.oid
+
+    fresh = tiny_pipeline(kind, pipeline_class=pipeline_class[kind], lora_rank=None if kind == "ddpm" else 4)
+    fresh.load_attribution_index(f"user/{kind}-index", dataset=data, cache_dir=local_hub.new_cache_dir())
+    assert fresh.attribution_index.config == index.config
+    prompts = None if kind == "ddpm" else [row["text"] for row in data]
+    for exact in (True, False):
+        results = fresh.attribute([row["image"] for row in data], prompts, top_k=2, exact=exact)
+        assert [result.indices[0] for result in results] == list(range(5))
+        before = pipe.attribute([row["image"] for row in data], prompts, top_k=2, exact=exact)
+        assert [r.indices for r in results] == [r.indices for r in before]
+
+
+def test_push_to_hub_takes_keywords_as_huggingface_hub_does(local_hub, built):
+    _, _, index = built
+    with pytest.raises(TypeError):
+        index.push_to_hub(REPO, True)  # private must be named, as in ModelHubMixin.push_to_hub
+    commit = index.push_to_hub(REPO, branch="dev", commit_message="to a branch")
+    assert "knn.bin" in list_repo_files(REPO, repo_type="dataset", revision="dev")
+    pr = index.push_to_hub(REPO, create_pr=True)
+    assert pr.pr_url is not None and commit.oid

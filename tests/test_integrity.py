@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ import dmin_diffusers as dm
 from dmin_diffusers.locks import IndexBusyError, index_write_lock
 from dmin_diffusers.search import KNN_FILES
 from dmin_diffusers.store import IndexIntegrityError
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, tiny_pipeline
 
 NUM_ROWS = 6
 
@@ -186,7 +187,7 @@ def test_a_held_lock_refuses_a_second_writer(built, tmp_path):
 BUILD = """
 import sys
 import dmin_diffusers as dm
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, tiny_pipeline
 seed = int(sys.argv[1])
 pipe = tiny_pipeline("stable-diffusion", dm.DMinStableDiffusionPipeline, lora_rank=4)
 config = dm.DMinConfig(num_timesteps=2, projection_dim=256, shard_size=1)
@@ -199,7 +200,7 @@ print("built", seed)
 def test_two_processes_with_different_datasets_in_one_directory(tmp_path):
     """One build wins; the other is refused with a message (busy, or another dataset); the index is intact."""
     directory = tmp_path / "index"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent))  # for tiny_models
     builds = [subprocess.Popen([sys.executable, "-c", BUILD, str(seed), str(directory)], env=env, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for seed in (0, 1)]
     outcomes = [(build.wait(timeout=600), *build.communicate()) for build in builds]

@@ -10,7 +10,7 @@ from dmin_diffusers.config import CONFIG_NAME, DEFAULT_KNN_DIM
 from dmin_diffusers.knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, save_projection
 from dmin_diffusers.search import OVERSAMPLING
 from dmin_diffusers.store import IndexIntegrityError
-from dmin_diffusers.testing import make_caption_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, tiny_pipeline
 
 NUM_ROWS = 8
 T, K = 3, 4096  # the real default K: the HNSW memory target is for it

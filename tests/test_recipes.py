@@ -10,7 +10,7 @@ from dmin_diffusers.config import PAPER_RECIPE
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.objectives import spread_timesteps
-from dmin_diffusers.testing import make_caption_dataset, make_image_dataset, tiny_pipeline
+from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 OPTIONS = [
     {"output_function": "squared_norm"},

@@ -10,7 +10,7 @@ from dmin_diffusers import sketch as sketch_module
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.sketch import KeyedPermutation, SketchProjector, fold_sketch
-from dmin_diffusers.testing import make_image_dataset, tiny_pipeline
+from tiny_models import make_image_dataset, tiny_pipeline
 
 
 def stream(projector, parts):

@@ -1,4 +1,4 @@
-"""Tests of the tiny offline pipelines and data sets in ``dmin_diffusers.testing``."""
+"""Tests of the tiny offline pipelines and data sets in ``tiny_models``."""
 
 from __future__ import annotations
 
@@ -6,15 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from dmin_diffusers.testing import (
+from tiny_models import (
+    FLUX_SCHEDULER_CONFIG,
+    PIPELINE_KINDS,
     add_lora,
     make_caption_dataset,
     make_clip_tokenizer,
     make_image_dataset,
     make_t5_tokenizer,
     tiny_ddpm_components,
+    tiny_flux_components,
     tiny_pipeline,
     tiny_sd3_components,
+    tiny_sdxl_components,
     tiny_stable_diffusion_components,
 )
 
@@ -34,13 +38,31 @@ KINDS = {
     "ddpm": ((16, 16, 3), "unet"),
     "stable-diffusion": ((32, 32, 3), "unet"),
     "sd3": ((32, 32, 3), "transformer"),
+    "sdxl": ((32, 32, 3), "unet"),
+    "flux": ((32, 32, 3), "transformer"),
 }
 
 BUILDERS = {
     "ddpm": tiny_ddpm_components,
     "stable-diffusion": tiny_stable_diffusion_components,
     "sd3": tiny_sd3_components,
+    "sdxl": tiny_sdxl_components,
+    "flux": tiny_flux_components,
 }
+
+# the text-to-image kinds
+TEXT_KINDS = [kind for kind in KINDS if kind != "ddpm"]
+
+# (kind, component kwargs): every kind, plus the variants of the new ones
+VARIANTS = [(kind, {}) for kind in KINDS] + [
+    ("sdxl", {"prediction_type": "v_prediction"}),
+    ("flux", {"guidance_embeds": True}),
+]
+
+
+def _variant_id(variant):
+    kind, kwargs = variant
+    return "-".join([kind] + [f"{k}={v}" for k, v in kwargs.items()])
 
 
 @pytest.fixture(autouse=True)
@@ -80,12 +102,43 @@ def _denoiser_inputs(kind, denoiser):
             timestep=t,
             encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
         )
+    if kind == "sdxl":
+        return dict(
+            sample=torch.randn(1, 4, 16, 16, generator=g),
+            timestep=t,
+            encoder_hidden_states=torch.randn(1, 7, 64, generator=g),
+            added_cond_kwargs=dict(
+                text_embeds=torch.randn(1, 32, generator=g),
+                time_ids=torch.tensor([[32.0, 32.0, 0.0, 0.0, 32.0, 32.0]]),
+            ),
+        )
+    if kind == "flux":
+        from diffusers import FluxPipeline
+
+        # a 4x4 latent packed into 2x2 patches of 4 channels: 4 tokens of 16 channels
+        return dict(
+            hidden_states=torch.randn(1, 4, 16, generator=g),
+            timestep=t / 1000,  # Flux takes sigma-like timesteps in [0, 1]
+            encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
+            pooled_projections=torch.randn(1, 32, generator=g),
+            txt_ids=torch.zeros(7, 3),
+            img_ids=FluxPipeline._prepare_latent_image_ids(1, 2, 2, "cpu", torch.float32),
+            guidance=torch.tensor([3.5]) if denoiser.config.guidance_embeds else None,
+        )
     return dict(
         hidden_states=torch.randn(1, 4, 8, 8, generator=g),
         timestep=t,
         encoder_hidden_states=torch.randn(1, 7, 32, generator=g),
         pooled_projections=torch.randn(1, 64, generator=g),
     )
+
+
+def _generate(pipe, kind, prompt="a red circle on the left"):
+    """Two seeded denoising steps; text-to-image kinds at 32x32 (Flux's default would be 128x128)."""
+    kwargs = dict(num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np")
+    if kind != "ddpm":
+        kwargs.update(prompt=prompt, height=32, width=32)
+    return pipe(**kwargs).images
 
 
 # ------------------------------------------------------------------------------------------------
@@ -135,25 +188,114 @@ def test_t5_tokenizer_offline_distinct_ids(tmp_path):
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_tiny_pipeline_builds_and_runs_offline(kind):
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_tiny_pipeline_builds_and_runs_offline(variant):
+    kind, component_kwargs = variant
     shape, denoiser_name = KINDS[kind]
-    pipe = tiny_pipeline(kind)
+    pipe = tiny_pipeline(kind, **component_kwargs)
+    assert isinstance(getattr(pipe, denoiser_name), torch.nn.Module)
     for name, module in _modules(pipe.components).items():
         assert not module.training, f"{name} is not in eval mode"
-    generator = torch.Generator().manual_seed(0)
-    kwargs = dict(num_inference_steps=2, generator=generator, output_type="np")
-    if kind != "ddpm":
-        kwargs["prompt"] = "a red circle on the left"
-    images = pipe(**kwargs).images
+    images = _generate(pipe, kind)
     assert images.shape == (1, *shape)
     assert np.isfinite(images).all()
 
     # the prompt reaches the model: different prompts, different images
     if kind != "ddpm":
-        kwargs.update(prompt="blue stripes at the top", generator=torch.Generator().manual_seed(0))
-        other = pipe(**kwargs).images
+        other = _generate(pipe, kind, prompt="blue stripes at the top")
         assert np.abs(images - other).max() > 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=_variant_id)
+def test_save_pretrained_round_trip_offline(variant, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    kind, component_kwargs = variant
+    pipe = tiny_pipeline(kind, **component_kwargs)
+    images = _generate(pipe, kind)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded) is type(pipe)
+    assert type(loaded.scheduler) is type(pipe.scheduler)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    np.testing.assert_array_equal(_generate(loaded, kind), images)
+
+
+@pytest.mark.parametrize("kind", TEXT_KINDS)
+def test_lora_weights_save_and_load(kind, tmp_path):
+    """A LoRA saved with the pipeline's ``save_lora_weights`` loads into a fresh pipeline unchanged."""
+    from peft import get_peft_model_state_dict
+
+    _, denoiser_name = KINDS[kind]
+    pipe = tiny_pipeline(kind, lora_rank=4)
+    images = _generate(pipe, kind)
+    assert np.abs(images - _generate(tiny_pipeline(kind), kind)).max() > 1e-4, "LoRA has no effect"
+    layers = get_peft_model_state_dict(getattr(pipe, denoiser_name))
+    type(pipe).save_lora_weights(tmp_path, **{f"{denoiser_name}_lora_layers": layers})
+    fresh = tiny_pipeline(kind)
+    fresh.load_lora_weights(tmp_path)
+    np.testing.assert_array_equal(_generate(fresh, kind), images)
+
+
+def test_kind_aliases_and_default_classes():
+    import diffusers
+
+    assert PIPELINE_KINDS == ("ddpm", "stable-diffusion", "sd3", "sdxl", "flux")
+    for alias in ("sdxl", "stable-diffusion-xl", "stable_diffusion_xl"):
+        assert type(tiny_pipeline(alias)) is diffusers.StableDiffusionXLPipeline
+    assert type(tiny_pipeline("flux")) is diffusers.FluxPipeline
+    with pytest.raises(ValueError, match="kind must be one of"):
+        tiny_pipeline("flux-2")
+
+
+def test_sdxl_components_and_encode_prompt(tmp_path):
+    components = tiny_sdxl_components(prediction_type="v_prediction", tokenizer_dir=tmp_path)
+    assert (tmp_path / "tokenizer" / "vocab.json").exists() and (tmp_path / "tokenizer_2" / "vocab.json").exists()
+    unet, vae, scheduler = components["unet"], components["vae"], components["scheduler"]
+    assert type(scheduler).__name__ == "EulerDiscreteScheduler"
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert (scheduler.config.beta_schedule, scheduler.config.timestep_spacing) == ("scaled_linear", "leading")
+    assert vae.config.scaling_factor == 0.13025
+    assert unet.config.addition_embed_type == "text_time" and unet.config.cross_attention_dim == 64
+    assert components["text_encoder_2"].config.projection_dim == 32
+    assert components["image_encoder"] is None and components["feature_extractor"] is None
+
+    pipe = tiny_pipeline("sdxl")
+    assert (pipe.vae_scale_factor, pipe.default_sample_size) == (2, 16)
+    prompt_embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+        "a red circle", device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=False
+    )
+    assert prompt_embeds.shape == (1, 77, 64) and pooled.shape == (1, 32)
+    assert negative is None and negative_pooled is None
+    # the default size is 32x32
+    images = pipe("a red circle", num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+
+
+def test_flux_components_and_encode_prompt(tmp_path):
+    components = tiny_flux_components(guidance_embeds=True, tokenizer_dir=tmp_path)
+    assert (tmp_path / "tokenizer" / "vocab.json").exists() and (tmp_path / "tokenizer_2" / "tokenizer.json").exists()
+    transformer, vae, scheduler = components["transformer"], components["vae"], components["scheduler"]
+    assert transformer.config.guidance_embeds
+    assert transformer.config.in_channels == 4 * vae.config.latent_channels
+    assert sum(transformer.config.axes_dims_rope) == transformer.config.attention_head_dim
+    assert transformer.config.joint_attention_dim == components["text_encoder_2"].config.d_model
+    assert transformer.config.pooled_projection_dim == components["text_encoder"].config.hidden_size
+    assert type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert {k: scheduler.config[k] for k in FLUX_SCHEDULER_CONFIG} == FLUX_SCHEDULER_CONFIG
+    assert not tiny_flux_components()["transformer"].config.guidance_embeds
+
+    pipe = tiny_pipeline("flux")
+    assert (pipe.vae_scale_factor, pipe.default_sample_size) == (1, 128)
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+        "a red circle", prompt_2=None, device="cpu", max_sequence_length=512
+    )
+    assert prompt_embeds.shape == (1, 512, 32) and pooled.shape == (1, 32) and text_ids.shape == (512, 3)
+    # 2x2 packing: any multiple of 2 works, also non-square
+    images = pipe("a red circle", num_inference_steps=2, height=16, width=24, output_type="np").images
+    assert images.shape == (1, 16, 24, 3)
 
 
 def test_prediction_type_and_scheduler_options():

@@ -1,4 +1,4 @@
-"""Tiny, offline, deterministic pipelines and data sets for tests, examples and benchmarks.
+"""Tiny, offline, deterministic pipelines and data sets for the tests and the benchmarks (not installed).
 
 Nothing here touches the network: tokenizers are written to a local directory from a handful of
 hand-made files and loaded back with the ordinary ``from_pretrained`` of ``transformers``; every model
@@ -6,11 +6,11 @@ is built from a small config under a fixed seed and put in ``eval()`` mode.
 
 The model sizes follow the ``get_dummy_components`` helpers of diffusers' own test-suite, so a pipeline
 builds in well under a second and runs two denoising steps at 16x16 / 32x32 on a CPU in a fraction of a
-second.
+second (Flux, whose prompts are padded to 512 T5 tokens, in about a second).
 
 Typical use::
 
-    from dmin_diffusers.testing import tiny_pipeline, make_caption_dataset
+    from tiny_models import tiny_pipeline, make_caption_dataset
 
     pipe = tiny_pipeline("stable-diffusion", lora_rank=4)
     data = make_caption_dataset(num_rows=12)
@@ -36,14 +36,17 @@ __all__ = [
     "make_image_dataset",
     "make_t5_tokenizer",
     "tiny_ddpm_components",
+    "tiny_flux_components",
     "tiny_pipeline",
     "tiny_sd3_components",
+    "tiny_sdxl_components",
     "tiny_stable_diffusion_components",
+    "FLUX_SCHEDULER_CONFIG",
     "PIPELINE_KINDS",
 ]
 
 #: The pipeline kinds understood by :func:`tiny_pipeline`.
-PIPELINE_KINDS = ("ddpm", "stable-diffusion", "sd3")
+PIPELINE_KINDS = ("ddpm", "stable-diffusion", "sd3", "sdxl", "flux")
 
 # --------------------------------------------------------------------------------------------------
 # Tokenizers
@@ -208,6 +211,27 @@ def _clip_text_config(tokenizer, *, projection_dim: int | None = None):
     return CLIPTextConfig(**kwargs)
 
 
+def _t5_encoder_config(tokenizer):
+    """A 2-layer T5 encoder config (d_model 32, dropout 0) whose vocabulary matches ``tokenizer``."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_heads=4,
+        num_layers=2,
+        relative_attention_num_buckets=8,
+        dropout_rate=0.0,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+
+
 def tiny_ddpm_components(
     seed: int = 0,
     sample_size: int = 16,
@@ -333,7 +357,7 @@ def tiny_sd3_components(seed: int = 0, *, tokenizer_dir: str | Path | None = Non
         written under ``tokenizer_dir`` or a fresh temporary directory.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     root = _tokenizer_root(tokenizer_dir)
     tokenizer = make_clip_tokenizer(root / "tokenizer")
@@ -377,22 +401,7 @@ def tiny_sd3_components(seed: int = 0, *, tokenizer_dir: str | Path | None = Non
     text_encoder_2 = _seeded(
         seed + 3, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer_2, projection_dim=32))
     )
-    t5_config = T5Config(
-        vocab_size=len(tokenizer_3),
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_heads=4,
-        num_layers=2,
-        relative_attention_num_buckets=8,
-        dropout_rate=0.0,
-        pad_token_id=tokenizer_3.pad_token_id,
-        eos_token_id=tokenizer_3.eos_token_id,
-        decoder_start_token_id=tokenizer_3.pad_token_id,
-        is_encoder_decoder=False,
-        use_cache=False,
-    )
-    text_encoder_3 = _seeded(seed + 4, lambda: T5EncoderModel(t5_config))
+    text_encoder_3 = _seeded(seed + 4, lambda: T5EncoderModel(_t5_encoder_config(tokenizer_3)))
     return {
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(),
@@ -406,6 +415,186 @@ def tiny_sd3_components(seed: int = 0, *, tokenizer_dir: str | Path | None = Non
     }
 
 
+def tiny_sdxl_components(
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    *,
+    sample_size: int = 16,
+    tokenizer_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """Components of a tiny ``StableDiffusionXLPipeline`` (default output 32x32).
+
+    Returns:
+        a dict with ``unet`` (UNet2DConditionModel with 4 latent channels, SDXL's ``"text_time"`` added
+        conditioning with ``addition_time_embed_dim=8``, linear projections in its transformers, and
+        cross-attention dim 64, the two text encoders' hidden sizes together), ``vae`` (the two-level
+        AutoencoderKL of :func:`tiny_stable_diffusion_components`, with SDXL's ``scaling_factor`` 0.13025),
+        ``text_encoder`` (``CLIPTextModel``, hidden size 32), ``text_encoder_2``
+        (``CLIPTextModelWithProjection``, hidden and projection size 32; its projection is the pooled
+        embedding), ``tokenizer`` and ``tokenizer_2`` (:func:`make_clip_tokenizer`, written under
+        ``tokenizer_dir`` or a fresh temporary directory), ``scheduler`` (``EulerDiscreteScheduler`` on SD's
+        scaled-linear betas with "leading" spacing and the given ``prediction_type``), and
+        ``image_encoder`` / ``feature_extractor`` set to ``None``.
+    """
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root = _tokenizer_root(tokenizer_dir)
+    tokenizer = make_clip_tokenizer(root / "tokenizer")
+    tokenizer_2 = make_clip_tokenizer(root / "tokenizer_2")
+    text_config = _clip_text_config(tokenizer)
+    text_config_2 = _clip_text_config(tokenizer_2, projection_dim=32)
+    addition_time_embed_dim = 8
+    unet = _seeded(
+        seed,
+        lambda: UNet2DConditionModel(
+            sample_size=sample_size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            norm_num_groups=8,
+            attention_head_dim=(2, 4),
+            transformer_layers_per_block=(1, 2),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=addition_time_embed_dim,
+            # the pipeline concatenates the penultimate hidden states of both text encoders ...
+            cross_attention_dim=text_config.hidden_size + text_config_2.hidden_size,
+            # ... and adds the 6 size / crop numbers (original, crop top-left, target) to the pooled embedding
+            projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_config_2.projection_dim,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        ),
+    )
+    vae = _seeded(
+        seed + 1,
+        lambda: AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=4,
+            sample_size=sample_size * 2,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            scaling_factor=0.13025,
+        ),
+    )
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(text_config))
+    text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(text_config_2))
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+    return {
+        "unet": unet,
+        "scheduler": scheduler,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
+#: The scheduler config of FLUX.1-dev (``scheduler/scheduler_config.json``): the shift of the sigmas grows
+#: with the number of image tokens, from ``base_shift`` at 256 to ``max_shift`` at 4096.
+FLUX_SCHEDULER_CONFIG: dict[str, Any] = {
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+
+def tiny_flux_components(
+    seed: int = 0, *, guidance_embeds: bool = False, tokenizer_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Components of a tiny ``FluxPipeline`` (default output 32x32 when called with ``height=32, width=32``).
+
+    Returns:
+        a dict with ``transformer`` (``FluxTransformer2DModel`` with one double-stream and one single-stream
+        block, 2 heads of size 16, patch size 1 and 16 input channels: the VAE's 4 latent channels packed
+        2x2 by the pipeline; ``guidance_embeds`` as given, True for a FLUX.1-dev-like guidance-distilled
+        model), ``vae`` (the one-level AutoencoderKL of :func:`tiny_sd3_components`, without quant convs and
+        with ``shift_factor`` / ``scaling_factor`` 0.0609 / 1.5035, so latents have the image's size),
+        ``scheduler`` (``FlowMatchEulerDiscreteScheduler`` with FLUX.1-dev's dynamic-shifting config,
+        :data:`FLUX_SCHEDULER_CONFIG`), ``text_encoder`` (``CLIPTextModel``, hidden size 32; the pipeline uses
+        its pooled output), ``text_encoder_2`` (a 2-layer ``T5EncoderModel``, d_model 32, dropout 0),
+        ``tokenizer`` (:func:`make_clip_tokenizer`) and ``tokenizer_2`` (:func:`make_t5_tokenizer`), written
+        under ``tokenizer_dir`` or a fresh temporary directory, and ``image_encoder`` / ``feature_extractor``
+        set to ``None``.
+
+    ``FluxPipeline`` packs 2x2 latent patches, so height and width must be multiples of 2 (twice the VAE's
+    scale factor of 1); its default size, ``default_sample_size`` (128) times the scale factor, is 128x128.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    root = _tokenizer_root(tokenizer_dir)
+    tokenizer = make_clip_tokenizer(root / "tokenizer")
+    tokenizer_2 = make_t5_tokenizer(root / "tokenizer_2")
+    text_config = _clip_text_config(tokenizer)
+    t5_config = _t5_encoder_config(tokenizer_2)
+    latent_channels = 4
+    transformer = _seeded(
+        seed,
+        lambda: FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * latent_channels,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=t5_config.d_model,
+            pooled_projection_dim=text_config.hidden_size,
+            guidance_embeds=guidance_embeds,
+            axes_dims_rope=(4, 4, 8),
+        ),
+    )
+    vae = _seeded(
+        seed + 1,
+        lambda: AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(4,),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+    )
+    text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(text_config))
+    text_encoder_2 = _seeded(seed + 3, lambda: T5EncoderModel(t5_config))
+    return {
+        "transformer": transformer,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG),
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 # --------------------------------------------------------------------------------------------------
 # LoRA
 # --------------------------------------------------------------------------------------------------
@@ -416,8 +605,9 @@ _ATTENTION_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 def lora_target_modules(denoiser: torch.nn.Module) -> list[str]:
     """Default LoRA target modules for a denoiser, as in diffusers' LoRA training scripts.
 
-    ``UNet2DConditionModel`` and ``SD3Transformer2DModel``: the attention projections
-    ``to_k``, ``to_q``, ``to_v``, ``to_out.0``. ``UNet2DModel`` (which has few attention layers): those plus the
+    ``UNet2DConditionModel``, ``SD3Transformer2DModel`` and ``FluxTransformer2DModel``: the attention
+    projections ``to_k``, ``to_q``, ``to_v``, ``to_out.0`` (in Flux's single-stream blocks, which have no
+    ``to_out``, just the first three). ``UNet2DModel`` (which has few attention layers): those plus the
     resnet convolutions ``conv1`` / ``conv2``.
     """
     if type(denoiser).__name__ == "UNet2DModel":
@@ -493,6 +683,8 @@ def _default_pipeline_class(kind: str):
         "ddpm": diffusers.DDPMPipeline,
         "stable-diffusion": diffusers.StableDiffusionPipeline,
         "sd3": diffusers.StableDiffusion3Pipeline,
+        "sdxl": diffusers.StableDiffusionXLPipeline,
+        "flux": diffusers.FluxPipeline,
     }[kind]
 
 
@@ -503,24 +695,37 @@ def tiny_pipeline(
     lora_rank: int | None = None,
     **component_kwargs: Any,
 ):
-    """Build a tiny offline pipeline of the given ``kind`` ("ddpm", "stable-diffusion" or "sd3").
+    """Build a tiny offline pipeline of the given ``kind`` (one of :data:`PIPELINE_KINDS`).
 
-    ``component_kwargs`` go to :func:`tiny_ddpm_components`, :func:`tiny_stable_diffusion_components` or
-    :func:`tiny_sd3_components` (e.g. ``prediction_type``, ``tokenizer_dir``). ``pipeline_class`` defaults to
-    ``DDPMPipeline`` / ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline``; any subclass (or other
-    class taking the same components) works; components its ``__init__`` does not accept are dropped.
-    With ``lora_rank``, :func:`add_lora` (seeded with ``seed``) is applied to the denoiser, and, as in
-    diffusers' LoRA training scripts, every other model of the pipeline is frozen too.
+    ``kind`` is "ddpm", "stable-diffusion" (or "sd", "stable_diffusion"), "sd3" (or "stable-diffusion-3"),
+    "sdxl" (or "stable-diffusion-xl", "stable_diffusion_xl") or "flux". ``component_kwargs`` go to
+    :func:`tiny_ddpm_components`, :func:`tiny_stable_diffusion_components`, :func:`tiny_sd3_components`,
+    :func:`tiny_sdxl_components` or :func:`tiny_flux_components` (e.g. ``prediction_type``, ``tokenizer_dir``,
+    ``guidance_embeds``). ``pipeline_class`` defaults to ``DDPMPipeline`` / ``StableDiffusionPipeline`` /
+    ``StableDiffusion3Pipeline`` / ``StableDiffusionXLPipeline`` / ``FluxPipeline``; any subclass (or other
+    class taking the same components) works; components its ``__init__`` does not accept are dropped. The
+    SDXL pipeline gets ``add_watermarker=False``. With ``lora_rank``, :func:`add_lora` (seeded with
+    ``seed``) is applied to the denoiser (``pipe.transformer`` where the pipeline has one, else
+    ``pipe.unet``), and, as in diffusers' LoRA training scripts, every other model of the pipeline is
+    frozen too.
 
     Returns:
         the pipeline, on the CPU, with its progress bar disabled.
     """
-    aliases = {"sd": "stable-diffusion", "stable_diffusion": "stable-diffusion", "stable-diffusion-3": "sd3"}
+    aliases = {
+        "sd": "stable-diffusion",
+        "stable_diffusion": "stable-diffusion",
+        "stable-diffusion-3": "sd3",
+        "stable-diffusion-xl": "sdxl",
+        "stable_diffusion_xl": "sdxl",
+    }
     kind = aliases.get(kind, kind)
     builders = {
         "ddpm": tiny_ddpm_components,
         "stable-diffusion": tiny_stable_diffusion_components,
         "sd3": tiny_sd3_components,
+        "sdxl": tiny_sdxl_components,
+        "flux": tiny_flux_components,
     }
     if kind not in builders:
         raise ValueError(f"kind must be one of {PIPELINE_KINDS}, not {kind!r}")
@@ -534,11 +739,15 @@ def tiny_pipeline(
         components = {key: value for key, value in components.items() if key in parameters}
         if "requires_safety_checker" in parameters:
             components["requires_safety_checker"] = False
+        if "add_watermarker" in parameters:
+            components["add_watermarker"] = False
     pipe = pipeline_class(**components)
     pipe.set_progress_bar_config(disable=True)
 
     if lora_rank is not None:
-        denoiser = pipe.transformer if kind == "sd3" else pipe.unet
+        denoiser = getattr(pipe, "transformer", None)
+        if not isinstance(denoiser, torch.nn.Module):
+            denoiser = pipe.unet
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module) and module is not denoiser:
                 module.requires_grad_(False)

@@ -1,0 +1,129 @@
+"""What every pipeline family provides: how an image and a prompt become the denoiser's inputs, the training
+objective, and the prediction call. One subclass per family, registered with
+:func:`~dmin_diffusers.families.register_family`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..config import DMinConfig
+from ..inputs import CropGeometry, ImageInput, crop_geometry, preprocess_image, to_pil
+from ..objectives import make_objective
+
+
+@dataclass
+class PreparedExample:
+    """A training row or query as model inputs: clean latents and prompt conditioning."""
+
+    latents: torch.Tensor
+    conditioning: dict[str, torch.Tensor]
+
+
+class PipelineFamily:
+    """How DMin runs one family of diffusers pipelines exactly as its training scripts train it.
+
+    A subclass sets the class attributes below and overrides :meth:`encode_image`, :meth:`predict` and, for
+    text-to-image models, :meth:`encode_prompt`; :meth:`prepare` puts them together for a row or a query.
+    ``conditioning`` tensors have a batch dimension of 1; DMin batches and repeats them along it.
+
+    Attributes:
+        name: the family's name, recorded in index configs (``"stable-diffusion"``, ``"sdxl"``, ...).
+        pipeline_classes: the diffusers pipeline classes it serves (subclasses included).
+        ready_made: the ``DMin...Pipeline`` class with attribution built in, if the family ships one.
+        denoiser_name: the pipeline component that is trained (``"unet"`` or ``"transformer"``).
+        takes_prompt: whether images come with a prompt (``False`` for unconditional models).
+        default_max_sequence_length: the T5 prompt length of the family's training scripts (T5 families only).
+        training_scripts: diffusers' training scripts for the family (for the documentation).
+    """
+
+    name: ClassVar[str] = ""
+    pipeline_classes: ClassVar[tuple[type, ...]] = ()
+    ready_made: ClassVar[type | None] = None
+    denoiser_name: ClassVar[str] = "unet"
+    takes_prompt: ClassVar[bool] = True
+    default_max_sequence_length: ClassVar[int | None] = None
+    training_scripts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return getattr(self.pipeline, self.denoiser_name)
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.pipeline, "_execution_device", None)
+        return torch.device(device) if device is not None else next(self.denoiser.parameters()).device
+
+    @property
+    def image_channels(self) -> int:
+        return 3
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sizes must be a multiple of this (the VAE's downsampling factor)."""
+        return 1
+
+    def native_resolution(self) -> int:
+        """The image size the model was trained at, when the config does not give one."""
+        raise NotImplementedError
+
+    def resolved_settings(self, config: DMinConfig) -> dict[str, Any]:
+        """Config fields whose defaults depend on the family (the T5 prompt length, the guidance value)."""
+        return {"max_sequence_length": config.max_sequence_length or self.default_max_sequence_length,
+                "guidance_scale": None}
+
+    def objective(self, name: str | None = None):
+        """The training objective, from the pipeline's scheduler config (``name`` overrides the choice)."""
+        return make_objective(self.pipeline.scheduler, name)
+
+    def prepare(self, image: ImageInput, prompt: str | None, config: DMinConfig) -> PreparedExample:
+        """One (image, prompt) pair as model inputs, preprocessed as the training scripts do."""
+        pil = to_pil(image)
+        geometry = crop_geometry(*pil.size, config.resolution, config.center_crop)
+        pixels = preprocess_image(pil, config.resolution, self.image_channels, center_crop=config.center_crop)
+        conditioning = self.encode_prompt(prompt, geometry, config) if self.takes_prompt else {}
+        return PreparedExample(latents=self.encode_image(pixels), conditioning=conditioning)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``(1, C, H, W)`` pixels in ``[-1, 1]`` to the clean input the denoiser is trained to restore."""
+        raise NotImplementedError
+
+    def encode_prompt(self, prompt: str, geometry: CropGeometry, config: DMinConfig) -> dict[str, torch.Tensor]:
+        """The prompt (and, for models conditioned on it, the image's crop ``geometry``) as keyword tensors for
+        :meth:`predict`."""
+        return {}
+
+    def predict(self, noisy: torch.Tensor, timestep: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        """The denoiser's prediction for ``noisy`` (shaped like the clean input) at the objective's timestep."""
+        raise NotImplementedError
+
+
+def sample_size(config: Any) -> int:
+    """A model config's ``sample_size`` as one integer."""
+    size = config.sample_size
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+class LatentFamily(PipelineFamily):
+    """Latent diffusion: images go through the VAE (latent mean, shifted and scaled as the training scripts do)."""
+
+    @property
+    def resolution_multiple(self) -> int:
+        return int(self.pipeline.vae_scale_factor)
+
+    def native_resolution(self) -> int:
+        return sample_size(self.denoiser.config) * int(self.pipeline.vae_scale_factor)
+
+    @torch.no_grad()
+    def encode_image(self, pixels):
+        vae = self.pipeline.vae
+        # The mean of the latent distribution: the training scripts' `.sample()` would change a row's
+        # influence from run to run.
+        latents = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
