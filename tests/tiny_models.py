@@ -232,6 +232,29 @@ def _t5_encoder_config(tokenizer):
     )
 
 
+def _two_level_vae(image_size: int, **config: Any):
+    """A two-level ``AutoencoderKL`` (latents half the image's size, 4 channels), as Stable Diffusion's."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
+        latent_channels=4, sample_size=image_size, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, **config,
+    )
+
+
+def _one_level_vae(latent_channels: int):
+    """A one-level ``AutoencoderKL`` without quant convs and with SD3's ``shift_factor`` / ``scaling_factor``
+    (latents the image's size), as SD3 and Flux have."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0609, scaling_factor=1.5035,
+    )
+
+
 def tiny_ddpm_components(
     seed: int = 0,
     sample_size: int = 16,
@@ -284,7 +307,7 @@ def tiny_stable_diffusion_components(
         ``tokenizer`` (:func:`make_clip_tokenizer`, written to ``tokenizer_dir`` or a fresh temporary
         directory), and ``safety_checker`` / ``feature_extractor`` / ``image_encoder`` set to ``None``.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, UNet2DConditionModel
+    from diffusers import DDIMScheduler, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     tokenizer = make_clip_tokenizer(_tokenizer_root(tokenizer_dir) / "tokenizer")
@@ -303,20 +326,7 @@ def tiny_stable_diffusion_components(
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         ),
     )
-    vae = _seeded(
-        seed + 1,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
-            sample_size=sample_size * 2,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        ),
-    )
+    vae = _seeded(seed + 1, lambda: _two_level_vae(sample_size * 2))
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(_clip_text_config(tokenizer)))
     schedule = dict(
         num_train_timesteps=1000,
@@ -356,7 +366,7 @@ def tiny_sd3_components(seed: int = 0, *, tokenizer_dir: str | Path | None = Non
         ``tokenizer_2`` (:func:`make_clip_tokenizer`) and ``tokenizer_3`` (:func:`make_t5_tokenizer`),
         written under ``tokenizer_dir`` or a fresh temporary directory.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     root = _tokenizer_root(tokenizer_dir)
@@ -379,22 +389,7 @@ def tiny_sd3_components(seed: int = 0, *, tokenizer_dir: str | Path | None = Non
             pooled_projection_dim=64,
         ),
     )
-    vae = _seeded(
-        seed + 1,
-        lambda: AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-    )
+    vae = _seeded(seed + 1, lambda: _one_level_vae(latent_channels=4))
     text_encoder = _seeded(
         seed + 2, lambda: CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=32))
     )
@@ -436,7 +431,7 @@ def tiny_sdxl_components(
         scaled-linear betas with "leading" spacing and the given ``prediction_type``), and
         ``image_encoder`` / ``feature_extractor`` set to ``None``.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     root = _tokenizer_root(tokenizer_dir)
@@ -467,21 +462,7 @@ def tiny_sdxl_components(
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         ),
     )
-    vae = _seeded(
-        seed + 1,
-        lambda: AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            latent_channels=4,
-            sample_size=sample_size * 2,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            scaling_factor=0.13025,
-        ),
-    )
+    vae = _seeded(seed + 1, lambda: _two_level_vae(sample_size * 2, scaling_factor=0.13025))
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(text_config))
     text_encoder_2 = _seeded(seed + 3, lambda: CLIPTextModelWithProjection(text_config_2))
     scheduler = EulerDiscreteScheduler(
@@ -540,7 +521,7 @@ def tiny_flux_components(
     ``FluxPipeline`` packs 2x2 latent patches, so height and width must be multiples of 2 (twice the VAE's
     scale factor of 1); its default size, ``default_sample_size`` (128) times the scale factor, is 128x128.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
     root = _tokenizer_root(tokenizer_dir)
@@ -564,22 +545,7 @@ def tiny_flux_components(
             axes_dims_rope=(4, 4, 8),
         ),
     )
-    vae = _seeded(
-        seed + 1,
-        lambda: AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-    )
+    vae = _seeded(seed + 1, lambda: _one_level_vae(latent_channels))
     text_encoder = _seeded(seed + 2, lambda: CLIPTextModel(text_config))
     text_encoder_2 = _seeded(seed + 3, lambda: T5EncoderModel(t5_config))
     return {
