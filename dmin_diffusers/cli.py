@@ -3,6 +3,7 @@
 ```
 accelerate launch -m dmin_diffusers.cli cache --pretrained_model_name_or_path ... --output_dir my-index ...
 dmin attribute --index my-index --pretrained_model_name_or_path ... --image gen.png --prompt "..." --top_k 10
+dmin app --index my-index --pretrained_model_name_or_path ... --dataset_name ...   # a page (Gradio)
 dmin push --index my-index --repo_id user/name
 ```
 Argument names follow diffusers' training scripts so that their values can be reused as they are.
@@ -92,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
     attribute.add_argument("--exact", action="store_true", help="score every row instead of HNSW")
     attribute.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
+
+    app = commands.add_parser("app", help='a page to look at attributions (pip install "dmin-diffusers[app]")')
+    _add_pipeline_arguments(app)
+    app.add_argument("--index", required=True, help="attribution index (directory or Hub id)")
+    app.add_argument("--dataset_name", default=None,
+                     help="the training rows: a Hub dataset, or a directory written by Dataset.save_to_disk "
+                     "(default: the Hub dataset the index records, if any)")
+    app.add_argument("--dataset_config_name", default=None)
+    app.add_argument("--train_data_dir", default=None, help="an imagefolder of the training rows")
+    app.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
+    app.add_argument("--num_inference_steps", type=int, default=30, help="the page's default generation steps")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve the page on")
+    app.add_argument("--port", type=int, default=7860)
+    app.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
 
     push = commands.add_parser("push", help="upload an attribution index to the Hugging Face Hub")
     push.add_argument("--index", required=True)
@@ -206,6 +221,17 @@ def run_attribute(args: argparse.Namespace) -> None:
         print(json.dumps({"rank": rank, "row": row, "score": round(score, 6)}))
 
 
+def run_app(args: argparse.Namespace) -> None:
+    from .app import build_app, load_app_dataset
+
+    check_local_paths(args)
+    dataset = load_app_dataset(args.dataset_name, args.dataset_config_name, args.train_data_dir)
+    pipeline = load_pipeline(args)
+    pipeline.load_attribution_index(args.index, dataset=dataset, strict=not args.no_strict)
+    demo = build_app(pipeline, top_k=args.top_k, num_inference_steps=args.num_inference_steps)
+    demo.launch(server_name=args.host, server_port=args.port)
+
+
 def run_push(args: argparse.Namespace) -> None:
     from .index import AttributionIndex
 
@@ -223,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("dmin_diffusers").setLevel(logging.INFO)
     try:
-        {"cache": run_cache, "attribute": run_attribute, "push": run_push}[args.command](args)
-    except (ValueError, TypeError, OSError, HfHubHTTPError) as error:  # OSError: a missing file or model
+        {"cache": run_cache, "attribute": run_attribute, "app": run_app, "push": run_push}[args.command](args)
+    except (ValueError, TypeError, OSError, ImportError, HfHubHTTPError) as error:  # OSError: a missing file
         print(f"dmin {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -412,6 +412,16 @@ class AttributionIndex:
         return approximate_top_k(self.knn, self.store, query, top_k, self.config.projection_dim)
 
 
+    def timestep_scores(self, query: torch.Tensor, row_ids: list[int]) -> np.ndarray:
+        """``(len(row_ids), T)``: the stored rows' inner products with a ``(T, K)`` query, timestep by timestep
+        (each row's sum is its score)."""
+        T, K = self.config.num_timesteps, self.config.projection_dim
+        if not row_ids:
+            return np.zeros((0, T), dtype=np.float32)
+        rows = self.store.get_rows(list(row_ids)).to(torch.float32).reshape(len(row_ids), T, K)
+        return torch.einsum("rtk,tk->rt", rows, query.reshape(T, K).to(torch.float32)).numpy()
+
+
 def describe_dataset(
     dataset: Any, image_column: str, caption_column: str | None, reference: dict[str, Any] | None = None
 ) -> dict[str, Any]:

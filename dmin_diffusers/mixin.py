@@ -209,6 +209,7 @@ class InfluenceMixin:
                 indices=indices, scores=scores, image=to_pil(img), prompt=text, exact=bool(exact),
                 dataset=index.dataset, image_column=index.dataset_info.get("image_column"),
                 caption_column=index.dataset_info.get("caption_column"),
+                timestep_scores=index.timestep_scores(vector, indices),
             ))
         return results if is_batch else results[0]
 

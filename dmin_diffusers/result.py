@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import PIL.Image
 from PIL import ImageDraw
 
@@ -23,6 +24,8 @@ class AttributionResult:
         prompt: the query prompt (``None`` for unconditional models).
         exact: whether every row was scored (``True``) or HNSW proposed the candidates.
         dataset: the training rows: a ``datasets.Dataset``, a :class:`HubDatasetRows` or ``None``.
+        timestep_scores: ``(len(indices), T)`` array: each row's score split over the index's timesteps (its
+            sum is the score), to see which noise levels drive a match.
     """
 
     indices: list[int]
@@ -33,6 +36,7 @@ class AttributionResult:
     dataset: Any = field(default=None, repr=False)
     image_column: str | None = field(default=None, repr=False)
     caption_column: str | None = field(default=None, repr=False)
+    timestep_scores: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32), repr=False)
 
     @property
     def examples(self) -> list[dict[str, Any]]:

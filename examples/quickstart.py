@@ -7,7 +7,8 @@ What this script does, end to end, on the CPU and without downloading anything:
    (16x16 grayscale PIL images) and a ``"label"`` column.
 2. Trains a small diffusers ``UNet2DModel`` with a ``DDPMScheduler`` on those images with
    the usual diffusers recipe (AdamW, MSE on the added noise, random timesteps) and saves
-   the pipeline to ``--output_dir`` with ``save_pretrained``.
+   the pipeline to ``--output_dir`` with ``save_pretrained`` (and the training rows to
+   ``<output_dir>/train-dataset`` with ``save_to_disk``, for the attribution page).
 3. Generates a few digits with a ``DDPMPipeline`` and saves them as ``generated.png``.
 4. Reads each generated digit with a simple classifier trained on the real 8x8 digits.
 5. Builds a DMin attribution index over the training set and, for every generated digit,
@@ -26,6 +27,8 @@ can slow down many times over; ``OMP_NUM_THREADS=1`` then helps.
     python examples/quickstart.py
     python examples/quickstart.py --quick
     python examples/quickstart.py --skip_attribution
+
+Then look at the attributions on a page (``pip install -e ".[app]"``; ``APP_COMMAND`` below).
 """
 
 from __future__ import annotations
@@ -285,6 +288,13 @@ def attribute_generated(
     )
 
 
+#: opens the attribution page on this script's pipeline, index and training rows
+APP_COMMAND = (
+    "dmin app --pretrained_model_name_or_path {out} --index {out}/attribution-index "
+    "--dataset_name {out}/train-dataset --num_inference_steps 250"
+)
+
+
 def main() -> None:
     """Run the quickstart: data, training, generation, digit reading and attribution."""
     args = parse_args()
@@ -305,7 +315,8 @@ def main() -> None:
             args.seed,
         )
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(args.output_dir)
-    print(f"saved the trained pipeline to {args.output_dir}/")
+    train_dataset.save_to_disk(str(args.output_dir / "train-dataset"))
+    print(f"saved the trained pipeline to {args.output_dir}/ and its training rows to {args.output_dir}/train-dataset")
 
     with timed("generate", timings):
         images = generate_digits(unet, scheduler, args.num_images, args.num_inference_steps, args.seed)
@@ -324,6 +335,8 @@ def main() -> None:
         )
 
     print("runtime: " + ", ".join(f"{phase} {seconds:.1f}s" for phase, seconds in timings.items()))
+    if not args.skip_attribution:
+        print("look at the attributions on a page (pip install -e \".[app]\"):\n  " + APP_COMMAND.format(out=args.output_dir))
 
 
 if __name__ == "__main__":
