@@ -51,13 +51,17 @@ def _require_pipeline(pipe: Any) -> InfluenceMixin:
     return pipe
 
 
+def _takes_prompt(pipe: InfluenceMixin) -> bool:
+    return pipe._require_sketcher().family.takes_prompt
+
+
 def generate_image(pipe: Any, prompt: str | None, seed: int, num_inference_steps: int,
                    guidance_scale: float | None = None) -> PIL.Image.Image:
     """One image from the pipeline, seeded; text-to-image models generate at the index's training resolution."""
     pipe = _require_pipeline(pipe)
     generator = torch.Generator().manual_seed(int(seed))
     call: dict[str, Any] = {"num_inference_steps": int(num_inference_steps), "generator": generator}
-    if pipe._require_sketcher().family.takes_prompt:
+    if _takes_prompt(pipe):
         if not prompt:
             raise ValueError("type a prompt to generate from")
         size = pipe.attribution_index.config.resolution
@@ -71,7 +75,7 @@ def explain(pipe: Any, image: Any, prompt: str | None = None, top_k: int = DEFAU
             exact: bool = False) -> PageAnswer:
     """Attributes ``image`` and lays the answer out for the page: a gallery, a table, a chart and a status line."""
     pipe = _require_pipeline(pipe)
-    if not pipe._require_sketcher().family.takes_prompt:
+    if not _takes_prompt(pipe):
         prompt = None
     start = time.perf_counter()
     result = pipe.attribute(image, prompt, top_k=int(top_k), exact=bool(exact))
@@ -192,7 +196,7 @@ def build_app(pipe: Any, *, top_k: int = DEFAULT_TOP_K, num_inference_steps: int
         raise ImportError('the page needs Gradio: pip install "dmin-diffusers[app]"') from error
     pipe = _require_pipeline(pipe)
     index = pipe.attribution_index
-    takes_prompt = pipe._require_sketcher().family.takes_prompt
+    takes_prompt = _takes_prompt(pipe)
     config = index.config
 
     def answer(image, prompt, k, exact):

@@ -181,11 +181,10 @@ def cache_dataset(
             index = AttributionIndex(output_dir, dataset=dataset)
             index.build_knn()
             seconds = time.perf_counter() - start
-            message = (
+            logger.info(
                 f"DMin cache: {index.num_rows} rows in {output_dir} ({len(remaining)} computed in {seconds:.1f} s by "
                 f"{world} process{'es' if world > 1 else ''}, {index.nbytes / 1e6:.2f} MB on disk)"
             )
-            logger.info(message)
     _wait(accelerator)
     return AttributionIndex(output_dir, dataset=dataset)
 

@@ -59,6 +59,7 @@ class IndexSummary:
     dataset_info: dict[str, Any]
     manifest: dict[str, Any]
     num_rows: int
+    knn_dim: int
     total_bytes: int
 
 
@@ -97,7 +98,7 @@ def make_index_card(
     files = manifest.get("files", {})
     shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
     knn_bytes = sum(int(files.get(name, {}).get("bytes", 0)) for name in KNN_FILES)
-    knn_dim = config.knn_dim or config.projection_dim
+    knn_dim = index.knn_dim
     num_rows = int(info.get("num_rows") or index.num_rows)
     dataset_name = info.get("name")
     dmin_settings = {

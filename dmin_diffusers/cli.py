@@ -22,10 +22,11 @@ from collections.abc import Sequence
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 
-from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN
-from .config import KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS
+from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset
+from .config import KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS, DMinConfig
 from .gradients import DEFAULT_BATCH_BYTES
-from .mixin import DEFAULT_TOP_K
+from .index import AttributionIndex
+from .mixin import DEFAULT_TOP_K, enable_attribution
 
 DTYPES = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -154,8 +155,6 @@ def load_pipeline(args: argparse.Namespace):
     """The base pipeline with the LoRA weights, with attribution enabled, on the chosen device."""
     from diffusers import DiffusionPipeline
 
-    from .mixin import enable_attribution
-
     pipeline = DiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
         torch_dtype=DTYPES[args.mixed_precision],
@@ -170,8 +169,6 @@ def load_pipeline(args: argparse.Namespace):
 def run_cache(args: argparse.Namespace) -> None:
     from accelerate import PartialState
 
-    from .caching import cache_dataset
-    from .config import DMinConfig
     from .training_data import dataset_reference, load_training_dataset
 
     check_local_paths(args)
@@ -233,8 +230,6 @@ def run_app(args: argparse.Namespace) -> None:
 
 
 def run_push(args: argparse.Namespace) -> None:
-    from .index import AttributionIndex
-
     index = AttributionIndex.from_pretrained(args.index)
     commit = index.push_to_hub(
         args.repo_id, private=args.private, token=args.token, branch=args.branch, create_pr=args.create_pr,

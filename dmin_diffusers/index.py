@@ -257,7 +257,7 @@ class AttributionIndex:
         self._check_complete()
         verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES)  # never publish damage
         summary = IndexSummary(
-            self.config, self.dataset_info, self.manifest, self.num_rows,
+            self.config, self.dataset_info, self.manifest, self.num_rows, self.knn_dim,
             sum((self.directory / name).stat().st_size for name in self.files()),
         )
         card = make_index_card(summary, repo_id, repo_type=repo_type, subfolder=subfolder)

@@ -149,6 +149,13 @@ def preprocess_image(
 ) -> torch.Tensor:
     """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``, resized and cropped
     as :func:`crop_geometry` says."""
+    return preprocess_with_geometry(image, resolution, channels, center_crop)[0]
+
+
+def preprocess_with_geometry(
+    image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True
+) -> tuple[torch.Tensor, CropGeometry]:
+    """:func:`preprocess_image`, and the :class:`CropGeometry` of the crop it took."""
     resolution = check_integer("resolution", resolution, 1)
     pil = to_pil(image).convert("L" if channels == 1 else "RGB")
     geometry = crop_geometry(*pil.size, resolution, center_crop)
@@ -160,4 +167,4 @@ def preprocess_image(
     array = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0
     if array.ndim == 2:
         array = array[..., None]
-    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous(), geometry

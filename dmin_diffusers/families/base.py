@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import DMinConfig
-from ..inputs import CropGeometry, ImageInput, crop_geometry, preprocess_image, to_pil
+from ..inputs import CropGeometry, ImageInput, preprocess_with_geometry
 from ..objectives import make_objective
 
 
@@ -83,9 +83,7 @@ class PipelineFamily:
 
     def prepare(self, image: ImageInput, prompt: str | None, config: DMinConfig) -> PreparedExample:
         """One (image, prompt) pair as model inputs, preprocessed as the training scripts do."""
-        pil = to_pil(image)
-        geometry = crop_geometry(*pil.size, config.resolution, config.center_crop)
-        pixels = preprocess_image(pil, config.resolution, self.image_channels, center_crop=config.center_crop)
+        pixels, geometry = preprocess_with_geometry(image, config.resolution, self.image_channels, config.center_crop)
         conditioning = self.encode_prompt(prompt, geometry, config) if self.takes_prompt else {}
         return PreparedExample(latents=self.encode_image(pixels), conditioning=conditioning)
 
