@@ -7,15 +7,14 @@ import os
 from argparse import Namespace
 from typing import Any
 
-from dmin_diffusers.caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset, require_dataset
+from dmin_diffusers.caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset
 from dmin_diffusers.gradients import DEFAULT_BATCH_BYTES
 from dmin_diffusers.config import DMinConfig, require_config
 from dmin_diffusers.index import AttributionIndex
 from dmin_diffusers.mixin import enable_attribution
-from dmin_diffusers.training_data import dataset_reference, load_training_dataset, raw_rows
+from dmin_diffusers.training_data import INDEX_SUBFOLDER, dataset_reference, load_training_dataset
 
 logger = logging.getLogger(__name__)
-INDEX_SUBFOLDER = "dmin-index"
 #: DMinConfig fields a training script can set as ``args.dmin_<field>``
 RECIPE_ARGUMENTS = ("num_timesteps", "projection_dim", "seed", "output_function", "timestep_spacing", "noise",
                     "noise_draws")
@@ -53,18 +52,22 @@ class GradientCacheCallback:
     def from_training_args(cls, args: Namespace, **overrides: Any) -> "GradientCacheCallback":
         """Reads a diffusers training script's argparse namespace.
 
-        Uses ``resolution``, ``image_column``, ``caption_column``, ``max_sequence_length`` and ``guidance_scale``
-        (SD3 and Flux scripts), the dataset arguments and ``seed``; the index
-        goes to ``<output_dir>/dmin-index``. Optional ``dmin_<field>`` attributes for the fields of
-        ``RECIPE_ARGUMENTS`` (``dmin_num_timesteps``, ``dmin_output_function``, ...; or keyword overrides of the
-        constructor) change the DMin settings; the others keep :class:`DMinConfig`'s defaults. Caching
-        always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say: attribution must be
-        deterministic.
+        Uses ``resolution``, ``image_interpolation_mode`` (the text-to-image scripts' resize filter, default
+        ``"lanczos"`` there; scripts without it, ``train_dreambooth.py`` and the SD3 / Flux DreamBooth scripts,
+        resize bilinearly, :class:`DMinConfig`'s default),
+        ``image_column``, ``caption_column``, ``max_sequence_length`` and ``guidance_scale`` (SD3 and Flux scripts),
+        the dataset arguments and ``seed``; the index goes to ``<output_dir>/dmin-index``. Optional ``dmin_<field>``
+        attributes for the fields of ``RECIPE_ARGUMENTS`` (``dmin_num_timesteps``, ``dmin_output_function``, ...;
+        or keyword overrides of the constructor) change the DMin settings; the others keep :class:`DMinConfig`'s
+        defaults. Caching always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say:
+        attribution must be deterministic.
         """
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         if not get("center_crop", True) or get("random_flip", False):
             logger.info("DMin caching uses a center crop and no flip (deterministic), unlike the random training augmentations")
         chosen = {name: get(f"dmin_{name}") for name in RECIPE_ARGUMENTS if get(f"dmin_{name}") is not None}
+        if get("image_interpolation_mode") is not None:
+            chosen["image_interpolation_mode"] = get("image_interpolation_mode")
         config = DMinConfig(
             **chosen,
             resolution=get("resolution"),
@@ -93,17 +96,18 @@ class GradientCacheCallback:
         attaches the index to the pipeline, so ``pipeline.attribute(...)`` works right away.
 
         ``dataset`` is the training ``datasets.Dataset`` (a transform attached with ``with_transform`` is
-        dropped); without it, the rows are loaded from the training arguments.
+        dropped); without it, the rows are loaded from the training arguments. An index already in the output
+        directory that was built with other settings or on other rows (a training re-run into the same
+        ``--output_dir``) is replaced, with a warning: it no longer describes the trained model.
         """
         if pipeline is None:
             raise ValueError("on_train_end needs the trained pipeline (with its LoRA weights, if any)")
         pipeline = enable_attribution(pipeline)
         if dataset is None:
             dataset = load_training_dataset(**self.dataset_args)
-        require_dataset(dataset)  # a DatasetDict or a DataLoader is refused here, before raw_rows touches it
         index = cache_dataset(
             pipeline,
-            raw_rows(dataset),
+            dataset,
             self.output_dir,
             self.config,
             self.image_column,
@@ -111,6 +115,7 @@ class GradientCacheCallback:
             accelerator=accelerator,
             dataset_reference=dataset_reference(**self.dataset_args),
             batch_bytes=self.batch_bytes,
+            replace_stale=True,
         )
         pipeline.load_attribution_index(index)
         return index

@@ -15,8 +15,9 @@ from .config import DMinConfig, require_config
 from .families import detect_family
 from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, resolve_config
 from .index import AttributionIndex, check_not_foreign, describe_dataset, prepare_index_directory
-from .locks import index_write_lock
+from .locks import LOCK_NAME, index_write_lock
 from .store import VectorStoreWriter, merge_manifests
+from .training_data import raw_rows
 
 logger = logging.getLogger(__name__)
 DEFAULT_IMAGE_COLUMN = "image"
@@ -115,33 +116,39 @@ def cache_dataset(
     dataset_reference: dict[str, Any] | None = None,
     progress: bool = True,
     batch_bytes: int = DEFAULT_BATCH_BYTES,
+    replace_stale: bool = False,
 ) -> AttributionIndex:
     """Writes the DMin vectors of every row of ``dataset`` to ``output_dir`` and builds the HNSW index.
 
-    Rows already in ``output_dir`` (from an interrupted run with the same settings) are skipped. With an
-    ``accelerate.Accelerator`` (or ``PartialState``) of N processes, each process caches a contiguous slice of
-    the remaining rows into its own shards, and the main process merges them and builds the HNSW index once.
-    Every process returns the finished index. The timesteps of several rows are differentiated in one batched
+    Rows already in ``output_dir`` (from an interrupted run with the same settings) are skipped; an index there
+    built with other settings or on another dataset is refused, or, with ``replace_stale=True`` (a training re-run
+    into the same output directory), deleted with a warning and built anew. With an ``accelerate.Accelerator`` (or
+    ``PartialState``) of N processes, each process caches a contiguous slice of the remaining rows into its own
+    shards, and the main process merges them and builds the HNSW index once. Every process returns the finished
+    index. The timesteps of several rows are differentiated in one batched
     backward of at most ``batch_bytes`` (see :class:`~dmin_diffusers.gradients.GradientSketcher`; ``0`` computes
     one (row, timestep) at a time). The main process holds the directory's write lock
     (:func:`~dmin_diffusers.locks.index_write_lock`) throughout, so another build or save there is refused.
+
+    The rows are read raw: a transform attached with ``with_transform`` / ``set_format`` (a training script's
+    random crops and flips) is dropped, with a warning, and every row is preprocessed as ``config`` says.
     """
     config = require_config(config)
     family = detect_family(pipeline)
     caption_column = check_dataset(dataset, image_column, caption_column, family.takes_prompt)
+    dataset = _without_transform(dataset)
     config = resolve_config(config, family)
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     is_main = rank == 0
     with contextlib.ExitStack() as held:
         if is_main:  # one build at a time in a directory: a second one is refused, never interleaved
-            check_not_foreign(Path(output_dir))
-            held.enter_context(index_write_lock(output_dir))
-            prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
-                                                                         dataset_reference))
+            _lock_directory(held, Path(output_dir))
+        dataset_info = describe_dataset(dataset, image_column, caption_column, dataset_reference)
+        if is_main:  # under the lock: what a racing writer left half-written is never mistaken for a foreign folder
+            prepare_index_directory(output_dir, config, dataset_info, replace_stale=replace_stale)
         _wait(accelerator)
         if not is_main:  # the main process has checked the directory; the others only need it to match
-            prepare_index_directory(output_dir, config, describe_dataset(dataset, image_column, caption_column,
-                                                                         dataset_reference))
+            prepare_index_directory(output_dir, config, dataset_info)
         sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
         writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size,
                                    name=f"part-{rank:03d}-of-{world:03d}")
@@ -173,20 +180,47 @@ def cache_dataset(
                 bar.update(world * len(group))  # the other processes advance at about the same pace
                 group_size = max(1, sketcher.batch_samples // len(config.timesteps))  # rows that share a backward
         finally:
-            writer.flush()  # keep every finished row, even when a row fails
-            bar.close()
+            try:
+                writer.flush()  # keep every finished row, even when a row fails
+            finally:
+                bar.close()
         _wait(accelerator)
         if is_main:
             merge_manifests(output_dir)
-            index = AttributionIndex(output_dir, dataset=dataset)
+            index = AttributionIndex(output_dir)
             index.build_knn()
             seconds = time.perf_counter() - start
+            megabytes = sum((index.directory / name).stat().st_size for name in index.files()) / 1e6
             logger.info(
                 f"DMin cache: {index.num_rows} rows in {output_dir} ({len(remaining)} computed in {seconds:.1f} s by "
-                f"{world} process{'es' if world > 1 else ''}, {index.nbytes / 1e6:.2f} MB on disk)"
+                f"{world} process{'es' if world > 1 else ''}, {megabytes:.2f} MB on disk)"
             )
     _wait(accelerator)
-    return AttributionIndex(output_dir, dataset=dataset)
+    index = AttributionIndex(output_dir)
+    index.dataset = dataset  # the rows digested into dataset.json above: no second pass over every image
+    return index
+
+
+def _without_transform(dataset: Any) -> Any:
+    """The dataset's raw rows (:func:`~dmin_diffusers.training_data.raw_rows`), with a warning when a transform or
+    format was dropped: a random augmentation would give a row another vector on every build."""
+    raw = raw_rows(dataset)
+    if raw is not dataset:
+        logger.warning(
+            f"cache_dataset drops the dataset's {dataset.format['type']!r} format (with_transform / set_format) and "
+            "reads its raw rows: random augmentations would change a row's vector from one build to the next; "
+            "every row is resized and center-cropped as the DMin config says, never flipped"
+        )
+    return raw
+
+
+def _lock_directory(held: contextlib.ExitStack, directory: Path) -> None:
+    """Takes the write lock of ``directory`` into ``held``. A folder that never held the lock file (nothing of this
+    package was written there) is checked first, so a foreign folder gets no lock file; every other check of the
+    directory waits for the lock, because a racing writer's files are half-written until it releases it."""
+    if not (directory / LOCK_NAME).exists():
+        check_not_foreign(directory)
+    held.enter_context(index_write_lock(directory))
 
 
 def _write_rows(sketcher: GradientSketcher, writer: VectorStoreWriter, row_ids: list[int], examples: list) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 
 from .config import DMinConfig
 from .families import family_named
+from .objectives import spread_timesteps
 from .search import KNN_FILES
 
 CARD_TAGS = ["dmin", "data-attribution", "training-data-attribution", "influence-estimation", "diffusers",
@@ -49,6 +51,69 @@ def _tracked_summary(parameters: list[list[Any]]) -> str:
     ranks = sorted({int(shape[0]) for name, shape in parameters if ".lora_A." in f".{name}." and shape})
     lora = f", LoRA rank {'/'.join(map(str, ranks))}" if ranks else ""
     return f"{len(parameters)} tensors, {total:,} values{lora}"
+
+
+#: the config fields a user sets: every field of :class:`DMinConfig` up to ``adapter`` (the rest are resolved)
+_FIELD_NAMES = [field.name for field in dataclasses.fields(DMinConfig)]
+USER_FIELDS = tuple(_FIELD_NAMES[: _FIELD_NAMES.index("adapter") + 1])
+#: the resolved fields that describe the vectors, published beside the user's settings
+RESOLVED_FIELDS = ("family", "objective", "timesteps", "num_train_timesteps", "parameter_fingerprint")
+#: what the gradient was taken of, for each ``output_function``
+OUTPUT_FUNCTION_TEXT = {
+    "loss": "the training loss ({objective}: the model's prediction against the target of the fixed noise), as "
+            "in the DMin paper",
+    "squared_norm": "the squared L2 norm of the model's output (D-TRAK's output function; it does not use the "
+                    "training target)",
+    "mean": "the mean of the model's output (it does not use the training target)",
+}
+#: where the timesteps sit, for each ``timestep_spacing``
+SPACING_TEXT = {
+    "centres": "at the centres of T equal slices of the {steps}-step training schedule",
+    "linspace": "evenly spaced over the {steps}-step training schedule, from 0 to its last step",
+    "cubic": "packed at high noise, (N - 1)(1 - (i / T)^3) for i = 1..T of the {steps}-step training schedule",
+}
+#: the fixed noise, for each ``noise`` mode
+NOISE_TEXT = {
+    "shared": "one fixed Gaussian noise tensor drawn from the seed, the same for every timestep and row",
+    "per_timestep": "a fixed Gaussian noise tensor of its own for each timestep, drawn from the seed, the same for "
+                    "every row",
+}
+
+
+def card_settings(config: DMinConfig, knn_dim: int, num_rows: int) -> dict[str, Any]:
+    """The card's ``dmin`` metadata: every user-settable field of ``config`` (``knn_dim`` as used), the resolved
+    fields that describe the vectors, and the row count."""
+    settings = {name: getattr(config, name) for name in (*USER_FIELDS, *RESOLVED_FIELDS)}
+    return {**settings, "knn_dim": knn_dim, "rows": num_rows}
+
+
+def _setting_value(value: Any) -> str:
+    if value is None:
+        return "default"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"`{item}`" for item in value) or "none"
+    return f"`{value}`"
+
+
+def describe_recipe(config: DMinConfig) -> str:
+    """How the vectors were computed, in words: preprocessing, timesteps, noise and the output function."""
+    steps = config.num_train_timesteps
+    explicit = steps is not None and config.timesteps != spread_timesteps(
+        config.num_timesteps, steps, config.timestep_spacing)
+    where = ("at explicitly chosen timesteps" if explicit
+             else SPACING_TEXT[config.timestep_spacing].format(steps=steps or "N"))
+    draws = f", averaged over {config.noise_draws} noise draws per timestep" if config.noise_draws > 1 else ""
+    crop = "center-cropped" if config.center_crop else "cropped at the top-left corner"
+    output = OUTPUT_FUNCTION_TEXT[config.output_function].format(objective=config.objective)
+    return (
+        f"Every training row (image, prompt) went through the model as in training: the image resized "
+        f"({config.image_interpolation_mode}) and {crop} to {config.resolution} pixels, at {config.num_timesteps} "
+        f"timesteps {where} ({', '.join(map(str, config.timesteps or []))}), with {NOISE_TEXT[config.noise]}{draws}. "
+        f"The gradient of {output} was taken with respect to the tracked parameters; each timestep's gradient was "
+        "L2-normalised and compressed to K values (a keyed permutation, random signs and group sums), giving one "
+        "row of T x K values per training row. A query image goes through the same steps, and a row's influence "
+        "on it is the inner product of their rows."
+    )
 
 
 @dataclass
@@ -101,19 +166,6 @@ def make_index_card(
     knn_dim = index.knn_dim
     num_rows = int(info.get("num_rows") or index.num_rows)
     dataset_name = info.get("name")
-    dmin_settings = {
-        "num_timesteps": config.num_timesteps,
-        "timesteps": config.timesteps,
-        "projection_dim": config.projection_dim,
-        "knn_dim": knn_dim,
-        "knn_projection": config.knn_projection,
-        "seed": config.seed,
-        "objective": config.objective,
-        "family": config.family,
-        "storage_dtype": config.storage_dtype,
-        "rows": num_rows,
-        "parameter_fingerprint": config.parameter_fingerprint,
-    }
     data = DatasetCardData(
         pretty_name=f"DMin attribution index of {dataset_name or 'a training set'}",
         tags=list(CARD_TAGS) + ([config.family] if config.family else []),
@@ -121,7 +173,7 @@ def make_index_card(
         source_datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
         viewer=False,
         base_model=config.base_model,
-        dmin=dmin_settings,
+        dmin=card_settings(config, knn_dim, num_rows),
     )
     model_rows = [
         ("base model", f"`{config.base_model}`" if config.base_model else "not recorded"),
@@ -141,15 +193,10 @@ def make_index_card(
         ("image column", f"`{info.get('image_column')}`" if info.get("image_column") else None),
         ("caption column", f"`{info.get('caption_column')}`" if info.get("caption_column") else None),
     ]
+    shown_elsewhere = ("base_model", "adapter", "family", "parameter_fingerprint")  # in the model table
     setting_rows = [
-        ("timesteps T", f"{config.num_timesteps}: {', '.join(map(str, config.timesteps or []))}"
-                        f" (of {config.num_train_timesteps})"),
-        ("compressed size per timestep K", config.projection_dim),
-        ("seed (fixed noise and compressor)", config.seed),
-        ("training objective", config.objective),
-        ("resolution", config.resolution),
-        ("HNSW", f"inner product, M={config.hnsw_m}, ef_construction={config.hnsw_ef_construction}, "
-                 f"{knn_dim} values per timestep ({config.knn_projection})"),
+        (f"`{name}`", _setting_value(value)) for name, value in card_settings(config, knn_dim, num_rows).items()
+        if name not in shown_elsewhere and name != "rows"
     ]
     storage_rows = [
         ("rows x values", f"{index.num_rows:,} x {config.row_dim:,} ({config.storage_dtype})"),
@@ -182,11 +229,8 @@ the training rows that influenced it most, in milliseconds, without recomputing 
 
 ## How it was built
 
-Every training row (image, prompt) went through the model exactly as in training, once per timestep above, with
-one fixed Gaussian noise tensor drawn from the seed. The training loss ({config.objective}) was back-propagated
-to the tracked parameters; each timestep's gradient was L2-normalised and compressed to K values (a keyed
-permutation, random signs and group sums), giving one row of T x K values per training row. A row's influence on
-an image is the inner product of their rows. The rows are stored in safetensors shards listed in `manifest.json`
+{describe_recipe(config)}
+The rows are stored in safetensors shards listed in `manifest.json`
 with the sha256 and size of every file, checked when the index is loaded.
 
 ## Usage

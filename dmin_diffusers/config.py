@@ -19,8 +19,11 @@ OUTPUT_FUNCTIONS = ("loss", "squared_norm", "mean")
 TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
 #: one noise tensor for every timestep (the paper), or one of its own per timestep
 NOISE_MODES = ("shared", "per_timestep")
+#: how images are resized: the names of the training scripts' ``--image_interpolation_mode`` (torchvision's modes)
+INTERPOLATION_MODES = ("bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos")
 CONFIG_NAME = "dmin_config.json"
-FORMAT_VERSION = 3  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded)
+FORMAT_VERSION = 4  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded);
+# 4: image_interpolation_mode (before: always bilinear) and adapter_fingerprint
 #: how rows become HNSW vectors: "pca", per-timestep principal components (knn_projection.py); "fold", the nested
 #: sketch of size knn_dim
 KNN_PROJECTIONS = ("pca", "fold")
@@ -36,6 +39,14 @@ MAX_SEED = 2**63 - 1
 #: and an ``ef_construction`` beyond 100,000 only slows the build down
 HNSW_M_RANGE = (2, 1024)
 HNSW_EF_CONSTRUCTION_RANGE = (1, 100_000)
+# Upper bounds, checked before anything is allocated from a config (an index's config may come from anywhere): each
+# is far beyond any real setting (the paper: T = 10, K = 2**12 to 2**16; SD's 1,000 training steps; 8k-pixel images).
+MAX_TIMESTEPS = 100_000
+MAX_ROW_DIM = 1 << 26  # values in one stored row (T x K): 128 MB in float16
+MAX_NOISE_DRAWS = 1024
+MAX_RESOLUTION = 16_384
+MAX_SEQUENCE_LENGTH = 1 << 16
+MAX_SHARD_SIZE = 1 << 20
 
 
 def default_knn_dim(projection_dim: int) -> int:
@@ -60,7 +71,8 @@ def check_integer(
         raise type_error(f"{name} must be an integer, got {type(value).__name__} {value!r}") from None
     if (low is not None and number < low) or (high is not None and number > high):
         bounds = f"at least {low}" if high is None else f"at most {high}" if low is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name} must be an integer {bounds}, got {number}")
+        shown = str(number) if abs(number) < 10**30 else f"a {len(str(abs(number)))}-digit integer"
+        raise ValueError(f"{name} must be an integer {bounds}, got {shown}")
     return number
 
 
@@ -107,6 +119,9 @@ class DMinConfig:
             the LoRA parameters when the denoiser has adapters, else all its trainable parameters.
         resolution: training image size; by default the denoiser's native size.
         center_crop: crop the center after resizing (otherwise the top-left corner), as the training scripts.
+        image_interpolation_mode: the filter that resizes images, named as the text-to-image training scripts'
+            ``--image_interpolation_mode`` (their default, and that of the SD / SDXL DreamBooth LoRA scripts, is
+            ``"lanczos"``; ``train_dreambooth.py`` and the SD3 / Flux DreamBooth scripts resize bilinearly).
         max_sequence_length: T5 prompt length (SD3 and Flux; by default that of the family's training scripts:
             77 for SD3, 512 for Flux).
         guidance_scale: the guidance value given to a transformer with a guidance embedding (Flux.1 dev), as the
@@ -129,8 +144,9 @@ class DMinConfig:
     pipeline: the tracked parameters' names and shapes (``parameters``), a digest of each one's values
     (``parameter_digests``) and of all of them together (``parameter_fingerprint``), a cheap fingerprint of the
     rest of the denoiser (``denoiser_fingerprint``: its architecture and a sample of its base weights), of the models
-    that encode images and prompts (``input_models_fingerprint``: the VAE, text encoders and tokenizers) and of the
-    training objective (``objective_fingerprint``: the noisy input and target it produces at each timestep).
+    that encode images and prompts (``input_models_fingerprint``: the VAE, text encoders and tokenizers), of the
+    training objective (``objective_fingerprint``: the noisy input and target it produces at each timestep) and of
+    the peft adapters' state (``adapter_fingerprint``: scales, active, disabled and merged adapters).
     ``base_model``, ``adapter`` and ``denoiser_dtype`` only describe the index and are never compared.
     """
 
@@ -145,6 +161,7 @@ class DMinConfig:
     tracked_parameters: list[str] | None = None
     resolution: int | None = None
     center_crop: bool = True
+    image_interpolation_mode: str = "bilinear"
     max_sequence_length: int | None = None
     guidance_scale: float | None = None
     storage_dtype: str = "float16"
@@ -165,17 +182,19 @@ class DMinConfig:
     denoiser_fingerprint: str | None = None
     input_models_fingerprint: str | None = None
     objective_fingerprint: str | None = None
+    adapter_fingerprint: str | None = None
     denoiser_dtype: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
         """Checks every field (``ValueError`` naming it, for a wrong type too) and stores integers as plain ``int``."""
         integers = {  # field: (low, high, may be None)
-            "num_timesteps": (1, None, False), "projection_dim": (1, None, False), "seed": (0, MAX_SEED, False),
-            "noise_draws": (1, None, False), "resolution": (1, None, True), "max_sequence_length": (1, None, True),
+            "num_timesteps": (1, MAX_TIMESTEPS, False), "projection_dim": (1, MAX_ROW_DIM, False),
+            "seed": (0, MAX_SEED, False), "noise_draws": (1, MAX_NOISE_DRAWS, False),
+            "resolution": (1, MAX_RESOLUTION, True), "max_sequence_length": (1, MAX_SEQUENCE_LENGTH, True),
             "knn_dim": (1, None, True), "hnsw_m": (*HNSW_M_RANGE, False),
-            "hnsw_ef_construction": (*HNSW_EF_CONSTRUCTION_RANGE, False), "shard_size": (1, None, False),
-            "num_train_timesteps": (1, None, True), "format_version": (1, None, False),
+            "hnsw_ef_construction": (*HNSW_EF_CONSTRUCTION_RANGE, False), "shard_size": (1, MAX_SHARD_SIZE, False),
+            "num_train_timesteps": (1, MAX_TIMESTEPS, True), "format_version": (1, FORMAT_VERSION, False),
         }
         for name, (low, high, optional) in integers.items():
             value = getattr(self, name)
@@ -195,6 +214,11 @@ class DMinConfig:
                 raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
         if not _is_power_of_two(self.projection_dim):
             raise ValueError(f"projection_dim must be a power of two, got {self.projection_dim}")
+        if self.row_dim > MAX_ROW_DIM:
+            raise ValueError(
+                f"num_timesteps x projection_dim must be at most {MAX_ROW_DIM:,} values a row, got "
+                f"{self.num_timesteps} x {self.projection_dim}"
+            )
         if self.timesteps is not None:
             if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
                 raise ValueError(f"timesteps must be a list of integers, got {self.timesteps!r}")
@@ -207,7 +231,8 @@ class DMinConfig:
                     f"timesteps has {len(self.timesteps)} values but num_timesteps is {self.num_timesteps}"
                 )
         for name, allowed in (("output_function", OUTPUT_FUNCTIONS), ("timestep_spacing", TIMESTEP_SPACINGS),
-                              ("noise", NOISE_MODES), ("knn_projection", KNN_PROJECTIONS)):
+                              ("noise", NOISE_MODES), ("knn_projection", KNN_PROJECTIONS),
+                              ("image_interpolation_mode", INTERPOLATION_MODES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.storage_dtype not in STORAGE_DTYPES:
@@ -257,7 +282,7 @@ class DMinConfig:
         return self.replace(
             family=None, objective=None, num_train_timesteps=None, parameters=None, parameter_fingerprint=None,
             parameter_digests=None, denoiser_fingerprint=None, input_models_fingerprint=None,
-            objective_fingerprint=None, denoiser_dtype=None,
+            objective_fingerprint=None, adapter_fingerprint=None, denoiser_dtype=None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -265,11 +290,18 @@ class DMinConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "DMinConfig":
+        if not isinstance(values, dict):
+            raise ValueError(f"a DMin config is a JSON object, got {type(values).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown DMinConfig fields {unknown}; was this index written by a newer version?")
         version = values.get("format_version", 1)
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+            raise ValueError(
+                f"this index was written by a newer dmin-diffusers (config format {version}, this version reads up to "
+                f"{FORMAT_VERSION}): upgrade with pip install -U dmin-diffusers"
+            )
         if version < 2:  # written before the recipe fields: built with the paper's recipe
             values = {**PAPER_RECIPE, **values}
         if version < 3:  # then, the HNSW vectors were folded, and no knn_dim meant the full K
@@ -323,6 +355,11 @@ class DMinConfig:
                     "input models: the VAE, text encoder(s) or tokenizer(s) that turn an image and a prompt into the "
                     "denoiser's inputs differ from those the index was built with"
                 )
+            elif name == "adapter_fingerprint":
+                found.append(
+                    "adapters: the LoRA scales, or which adapters are active, disabled or fused into the weights, "
+                    "differ from when the index was built (set_adapters, disable_lora, fuse_lora, load_lora_weights)"
+                )
             elif name == "objective_fingerprint":
                 found.append(
                     "objective: the training noise schedule or prediction target (from the scheduler config) "
@@ -336,7 +373,7 @@ class DMinConfig:
 DESCRIPTIVE_FIELDS = ("base_model", "adapter", "denoiser_dtype")
 _FINGERPRINTS = (
     "parameter_fingerprint", "parameter_digests", "denoiser_fingerprint", "input_models_fingerprint",
-    "objective_fingerprint",
+    "objective_fingerprint", "adapter_fingerprint",
 )
 
 

@@ -1,9 +1,9 @@
-"""Cheap fingerprints of what an index's vectors and row ids depend on, beyond the tracked parameters: the models
-and tokenizers that turn an (image, prompt) into denoiser inputs, and the training dataset's rows.
+"""Fingerprints of what an index's vectors and row ids depend on, beyond the tracked parameters: the models and
+tokenizers that turn an (image, prompt) into denoiser inputs, and the training dataset's rows.
 
-Each samples instead of hashing everything, so it costs milliseconds on models of billions of parameters and on
-datasets of millions of rows: two different checkpoints differ in nearly every weight, and two different (or
-reordered) datasets in nearly every row, so a sample tells them apart.
+The model fingerprint samples weights, so it costs milliseconds on models of billions of parameters: two different
+checkpoints differ in nearly every weight. The dataset digest covers every row (one edited image must be caught),
+by content and without decoding: it reads each image's stored bytes or file once.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+from datasets.utils.file_utils import is_local_path
 
 _SAMPLES = 16  # values sampled per tensor, rows sampled per dataset
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
@@ -85,6 +88,95 @@ def _value_bytes(value: Any) -> bytes:
     return buffer.getvalue().encode()
 
 
+# --------------------------------------------------------------------------------------------- dataset rows
+
+#: the prefix of a digest over every row (:func:`dataset_digest`); older indices recorded 16 hex digits of a sample
+ROWS_DIGEST_PREFIX = "rows-sha256:"
+_SAMPLED_DIGEST = re.compile(r"^[0-9a-f]{16}$")
+_BATCH_ROWS = 1024
+
+
+def dataset_digest(dataset: Any, columns: list[str]) -> str:
+    """A digest of every row of ``dataset``, in order: the content of each cell of ``columns`` and the row count.
+
+    An image counts by its content, never by its path: the bytes a ``datasets`` Image feature stores, else the
+    bytes of the file it points to (nothing is decoded), else its decoded pixels (a remote file, or a dataset that
+    is not a ``datasets.Dataset``). So a copy of the images in another folder gives the same digest, while an image
+    edited on disk, two rows swapped or the rows reordered give another. Reads every image file once.
+    """
+    digest = hashlib.sha256(str(len(dataset)).encode())
+    for cells in _row_cells(dataset, columns):
+        for cell in cells:
+            digest.update(len(cell).to_bytes(8, "little"))  # length-prefixed: cell boundaries are part of it
+            digest.update(cell)
+    return ROWS_DIGEST_PREFIX + digest.hexdigest()
+
+
+def check_dataset_digest(dataset: Any, columns: list[str], recorded: str) -> str | None:
+    """Compares ``dataset`` with the digest an index recorded of its training rows: ``None`` when they match, else
+    why not (a missing column, or rows that differ). A digest recorded by an older version (16 hex digits of a
+    sample of 16 rows) is compared the old way."""
+    missing = [column for column in columns if column not in getattr(dataset, "column_names", columns)]
+    if missing:
+        return f"it has no column {missing}"
+    if _SAMPLED_DIGEST.match(str(recorded)):
+        found = _sampled_digest(dataset, columns)
+    elif str(recorded).startswith(ROWS_DIGEST_PREFIX):
+        found = dataset_digest(dataset, columns)
+    else:
+        return f"the index records a dataset digest this version cannot read ({str(recorded)[:40]!r})"
+    if found == recorded:
+        return None
+    return "its rows differ (an image or caption changed, or the rows are in another order)"
+
+
+def _row_cells(dataset: Any, columns: list[str]) -> Iterator[list[bytes]]:
+    """The bytes of each row's cells of ``columns``, row by row: read as Arrow in batches for a
+    ``datasets.Dataset`` (images undecoded), else row by row as the dataset returns them."""
+    features = getattr(dataset, "features", None)
+    if features is None or not hasattr(dataset, "with_format"):
+        for position in range(len(dataset)):
+            row = dataset[position]
+            yield [_value_bytes(row[column]) for column in columns]
+        return
+    rows = dataset.select_columns(columns).with_format(None)  # a remote image is decoded from here, untransformed
+    view = rows.with_format("arrow")
+    for start in range(0, len(view), _BATCH_ROWS):
+        table = view[start : start + _BATCH_ROWS]
+        cells = []
+        for column in columns:
+            values = table.column(column).combine_chunks()
+            if isinstance(features[column], datasets.Image):
+                cells.append(_image_cells(rows, column, values, start))
+            else:
+                cells.append(_plain_cells(values))
+        yield from (list(row) for row in zip(*cells))
+
+
+def _image_cells(rows: Any, column: str, values: Any, start: int) -> list[bytes]:
+    """The content of a batch of undecoded Image cells (``values``, rows ``start...`` of ``rows``): the stored
+    bytes, else the bytes of the local file, else (a remote file) the row's decoded pixels; a missing image counts
+    as such."""
+    stored, paths = (child.to_pylist() for child in values.flatten())  # flatten: the parent's nulls and offset
+    cells = []
+    for number, (content, path) in enumerate(zip(stored, paths)):
+        if content is not None:
+            cells.append(b"B" + content)
+        elif path is None:
+            cells.append(b"N")
+        elif is_local_path(path):
+            cells.append(b"B" + Path(path).read_bytes())
+        else:
+            cells.append(b"P" + _value_bytes(rows[start + number][column]))
+    return cells
+
+
+def _plain_cells(values: Any) -> list[bytes]:
+    """A batch of non-image cells: strings as UTF-8, other values (``None`` included) as JSON."""
+    return [b"S" + value.encode() if isinstance(value, str) else b"J" + _value_bytes(value)
+            for value in values.to_pylist()]
+
+
 def _undecoded_sample(dataset: Any, positions: list[int]) -> Any:
     """The rows at ``positions`` of a ``datasets.Dataset`` with images left as their stored bytes (nothing is
     decoded, so the digest is cheap and independent of PIL); other datasets as they are."""
@@ -98,9 +190,9 @@ def _undecoded_sample(dataset: Any, positions: list[int]) -> Any:
     return sample
 
 
-def dataset_digest(dataset: Any, columns: list[str]) -> str:
-    """A digest of 16 evenly spaced rows of ``dataset`` (their positions and the values of ``columns``) and its
-    length: another dataset, or the same one reordered, gives another digest."""
+def _sampled_digest(dataset: Any, columns: list[str]) -> str:
+    """The digest that earlier versions recorded (kept to check the indices they built): 16 evenly spaced rows (their
+    positions and the values of ``columns``, file paths for images on disk) and the row count."""
     positions = evenly_spaced(_SAMPLES, len(dataset))
     sample = _undecoded_sample(dataset, positions)
     digest = hashlib.sha256(str(len(dataset)).encode())

@@ -10,6 +10,7 @@ is never built on either path.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import json
 import logging
@@ -27,11 +28,25 @@ from .config import DMinConfig, default_knn_dim
 from .families.base import PipelineFamily, PreparedExample
 from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fingerprint
 from .inputs import ImageInput
+from .model_state import adapter_fingerprint, model_lock
 from .objectives import spread_timesteps
 from .sketch import SketchProjector
 
 NamedParameters = list[tuple[str, torch.nn.Parameter]]
 logger = logging.getLogger(__name__)
+
+
+def _exclusive(method):
+    """Runs a :class:`GradientSketcher` method under its denoiser's :func:`~dmin_diffusers.model_state.model_lock`:
+    gradients flag, and ``vmap`` swaps, the parameters of the shared module, and the sketcher keeps per-call state,
+    so two threads must never compute at once."""
+
+    @functools.wraps(method)
+    def holding_the_model_lock(self, *args, **kwargs):
+        with model_lock(self.family.denoiser):
+            return method(self, *args, **kwargs)
+
+    return holding_the_model_lock
 
 
 def select_tracked_parameters(denoiser: torch.nn.Module, patterns: list[str] | None = None) -> NamedParameters:
@@ -184,6 +199,7 @@ class GradientSketcher:
         config: DMinConfig,
         code_cache_bytes: int | None = None,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
+        projector: SketchProjector | None = None,
     ):
         if not config.is_resolved:
             raise ValueError("the config must be resolved against the pipeline first")
@@ -193,9 +209,12 @@ class GradientSketcher:
         self.config = config
         self.parameters = select_tracked_parameters(family.denoiser, config.tracked_parameters)
         self.objective = family.objective(config.objective)
-        self.projector = SketchProjector(
-            [p.numel() for _, p in self.parameters], config.projection_dim, config.seed, code_cache_bytes
-        )
+        sizes = [p.numel() for _, p in self.parameters]
+        if projector is None or (projector.parameter_sizes, projector.dim, projector.seed) != (
+            sizes, config.projection_dim, config.seed
+        ):
+            projector = SketchProjector(sizes, config.projection_dim, config.seed, code_cache_bytes)
+        self.projector = projector  # ``projector``: one made before for the same sizes, whose codes are reused
         self.batch_bytes = batch_bytes
         self._batch_samples: int | None = None if batch_bytes else 1
         self._prediction = _Prediction(family)
@@ -241,6 +260,7 @@ class GradientSketcher:
             return prediction.mean()
         return F.mse_loss(prediction, target)
 
+    @_exclusive
     def output(self, example: PreparedExample, position: int) -> torch.Tensor:
         """The scalar whose gradient DMin takes at the ``position``-th timestep: the config's output function of
         the denoiser's prediction for the example noised with the fixed noise, averaged over the noise draws."""
@@ -288,6 +308,7 @@ class GradientSketcher:
         """The ``(T, K)`` float32 matrix of L2-normalised, compressed gradients (on the CPU)."""
         return self.sketch_many([example])[0]
 
+    @_exclusive
     def sketch_many(self, examples: list[PreparedExample], same_size_batches: bool = False) -> torch.Tensor:
         """The ``(N, T, K)`` DMin vectors of ``N`` examples, their ``N * T`` samples differentiated in batches
         that fit ``batch_bytes`` (one at a time where they do not, or where the model cannot be batched).
@@ -363,6 +384,7 @@ class GradientSketcher:
         sketches = self.projector.finalize(accumulators)
         return (sketches / squared_norms.sqrt().clamp_min(1e-30)[:, None]).cpu()
 
+    @_exclusive
     def sketch_sequential(self, example: PreparedExample) -> torch.Tensor:
         """:meth:`sketch` one timestep at a time: one backward per timestep, each parameter's gradient streamed
         into the sketch by a hook as autograd produces it (the path for models too large to batch)."""
@@ -379,6 +401,7 @@ class GradientSketcher:
                 rows.append(sketch / self._squared_norm.sqrt().clamp_min(1e-30))
         return torch.stack(rows).cpu()
 
+    @_exclusive
     def flat_gradients(self, example: PreparedExample, normalize: bool = True) -> torch.Tensor:
         """The uncompressed ``(T, D)`` gradients (materialised: for tests and baselines on small models)."""
         tensors = [p for _, p in self.parameters]
@@ -425,6 +448,7 @@ def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
         denoiser_fingerprint=denoiser_fingerprint(family.denoiser, tracked),
         input_models_fingerprint=input_models_fingerprint(family.pipeline),
         objective_fingerprint=objective_fingerprint(objective, timesteps),
+        adapter_fingerprint=adapter_fingerprint(family.denoiser),
         denoiser_dtype=str(family.denoiser.dtype).removeprefix("torch."),
         base_model=config.base_model or default_base_model(family.pipeline),
     )

@@ -4,8 +4,9 @@ Downloads come in two steps: the small metadata files first (config, dataset ref
 exactly the shards the manifest lists and the HNSW file, in parallel, from the same commit. Uploads send the
 vector shards in commits of at most ``max_commit_bytes`` (so a large push can be resumed: unchanged files are
 skipped), and the metadata, the HNSW file and the card last, in one commit: until then the repository still
-holds the previous, consistent index. Files of an older index that the new one no longer lists are deleted in
-that last commit.
+holds the previous, consistent index, because a shard's name holds a digest of its content (a new shard never
+overwrites one the previous index lists; shards with older, positional names all go in the last commit). Files
+of an older index that the new one no longer lists are deleted in that last commit.
 """
 
 from __future__ import annotations
@@ -223,6 +224,13 @@ def upload_index(
             name for name in shards
             if not _same_file(remote.get(_prefixed(subfolder, name)), directory / name, records.get(name))
         ]
+        # shard names hold a digest of their content, so a new shard never overwrites a file of the index the
+        # repository holds now; shards of an older store (positional names) may: they all go in the last commit
+        overwrites = [name for name in changed if _prefixed(subfolder, name) in remote]
+        if overwrites:
+            logger.info("%s would replace %s of the index in %s: pushing everything in one commit",
+                        directory, overwrites[0], repo_id)
+            last, changed = files, []
         batches = _commit_batches(directory, changed, max_commit_bytes) if changed else []
         for number, batch in enumerate(batches, start=1):
             api.create_commit(

@@ -8,10 +8,11 @@ ever read, and the hnswlib file only after :func:`~dmin_diffusers.knn_file.check
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import os
 import shutil
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from huggingface_hub import CommitInfo
 from .card import IndexSummary, make_index_card
 from .config import CONFIG_NAME, DMinConfig
 from .dataset_rows import HubDatasetRows, infer_hub_reference
-from .fingerprints import dataset_digest
+from .fingerprints import check_dataset_digest, dataset_digest
 from .hub import (
     DATASET_INFO_NAME,
     DEFAULT_MAX_COMMIT_BYTES,
@@ -31,16 +32,24 @@ from .hub import (
     upload_index,
 )
 from .knn_file import check_knn_file
-from .locks import LOCK_NAME, index_write_lock
+from .locks import LOCK_NAME, check_not_busy, index_write_lock, lock_held_elsewhere
 from .knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, sample_row_ids
 from .search import KNN_FILES, KNN_NAME, KnnIndex, approximate_top_k, exact_top_k
 from .store import (
     MANIFEST_NAME,
+    MAX_SMALL_JSON_BYTES,
     SHARD_DIR,
+    TEMPORARY_SUFFIX,
     IndexIntegrityError,
+    PinnedFiles,
     VectorStore,
+    changed_error,
     check_file_digest,
     check_shard_layout,
+    disk_full_guard,
+    manifest_entries,
+    open_snapshot,
+    read_json,
     read_manifest,
     record_files,
     verify_files,
@@ -50,13 +59,15 @@ from .store import (
 logger = logging.getLogger(__name__)
 CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, *KNN_FILES)  # listed under "files" in the manifest
 METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME)  # small: their sha256 is checked every time an index is opened
+STAGING_NAME = ".dmin-staging"  # inside a save_pretrained target: the new index, complete before it replaces the old
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise IndexIntegrityError(f"{path.name} in {path.parent} is not valid JSON ({error})") from None
+def _read_json(path: str | os.PathLike, name: str, where: str, limit: int = MAX_SMALL_JSON_BYTES) -> dict[str, Any]:
+    """A JSON object read with a bound (the size the manifest lists, when it lists the file)."""
+    value = read_json(path, limit, name, where)
+    if not isinstance(value, dict):
+        raise IndexIntegrityError(f"{name} in {where} is not a JSON object")
+    return value
 
 
 class AttributionIndex:
@@ -67,7 +78,11 @@ class AttributionIndex:
     one and ``load_attribution_index`` attaches one.
 
     Opening an index checks every file the manifest lists: that it exists and has the listed size, and the sha256
-    of the config and the dataset reference (everything the vectors and row ids depend on). Every row a query
+    of the config and the dataset reference (everything the vectors and row ids depend on). The files are pinned
+    when the index is opened (:class:`~dmin_diffusers.store.PinnedFiles`): another process replacing them later
+    (``save_pretrained(overwrite=True)``, a rebuild) never changes what this object reads, and one opened while a
+    writer works waits for it briefly or raises :class:`~dmin_diffusers.store.IndexChangedError`. Only regular
+    files are read, each with a bound on its size; an HNSW file the manifest does not list is never loaded. Every row a query
     reads is checked against its digest in the shard (a shard without digests: its sha256, on first read), and
     ``knn.bin`` against its sha256 when it is loaded, so damage is reported
     as an :class:`~dmin_diffusers.store.IndexIntegrityError` before a damaged row can be ranked; ``verify=True``
@@ -97,24 +112,44 @@ class AttributionIndex:
     ):
         self.directory = Path(directory)
         self.source = source or str(self.directory)
-        self.read_only = read_only
-        config_path = self.directory / CONFIG_NAME
-        if not config_path.exists():
-            raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
-        self.manifest: dict | None = read_manifest(self.directory)
-        if self.manifest is not None:
-            verify_files(self.directory, self.manifest, full=True if verify else METADATA_FILES, optional=KNN_FILES)
+        # a directory this process cannot write (a shared, read-only cache) is used without writing anything
+        self.read_only = read_only or not _writable(self.directory)
+        self._lock = threading.RLock()  # the lazy store and HNSW index, for threads sharing one index
+        self._store: VectorStore | None = None
+        self._knn: KnnIndex | None = None
+        self.manifest, self._files = self._open_files(verify)
         try:
-            self.config = DMinConfig.from_dict(_read_json(config_path))
+            self.config = DMinConfig.from_dict(self._metadata(CONFIG_NAME))
         except TypeError as error:
             raise ValueError(f"{CONFIG_NAME} in {self.source} is not a DMin config ({error})") from None
-        info_path = self.directory / DATASET_INFO_NAME
-        self.dataset_info: dict[str, Any] = _read_json(info_path) if info_path.exists() else {}
+        has_info = DATASET_INFO_NAME in self._files
+        self.dataset_info: dict[str, Any] = self._metadata(DATASET_INFO_NAME) if has_info else {}
         self.dataset: Any = HubDatasetRows(self.dataset_info, token=token)
         if dataset is not None:
             self.attach_dataset(dataset)
-        self._store: VectorStore | None = None
-        self._knn: KnnIndex | None = None
+
+    def _open_files(self, verify: bool) -> tuple[dict | None, PinnedFiles]:
+        """The manifest and the index's files, pinned as they are now (see
+        :func:`~dmin_diffusers.store.open_snapshot`), after checking them against the manifest."""
+        manifest, files = open_snapshot(self.directory, extra=(*METADATA_FILES, *KNN_FILES))
+        if CONFIG_NAME not in files:
+            raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
+        if manifest is not None:
+            if "files" in manifest:  # recorded since checksums exist: then every metadata file present is listed
+                unlisted = [name for name in METADATA_FILES if name in files and name not in manifest["files"]]
+                if unlisted:
+                    raise IndexIntegrityError(
+                        f"{unlisted[0]} in {self.source} is not listed in {MANIFEST_NAME}: the index was modified"
+                    )
+            verify_files(self.directory, manifest, full=True if verify else METADATA_FILES, optional=KNN_FILES,
+                         files=files)
+        return manifest, files
+
+    def _metadata(self, name: str) -> dict[str, Any]:
+        """A small JSON file of the index, read from the pinned file with the size the manifest lists."""
+        record = ((self.manifest or {}).get("files") or {}).get(name)
+        limit = record["bytes"] if record else MAX_SMALL_JSON_BYTES
+        return _read_json(self._files.path(name), name, self.source, limit)
 
     def __repr__(self) -> str:
         return f"AttributionIndex({self.source!r}, rows={self.dataset_info.get('num_rows')}, config={self.config})"
@@ -163,9 +198,13 @@ class AttributionIndex:
     def files(self) -> list[str]:
         """The index's files, relative to its directory: metadata, vector shards and, if present, the HNSW files
         (the per-writer ``vectors/part-*.json`` lists used while building are not part of a finished index)."""
-        names = [name for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME) if (self.directory / name).is_file()]
+        names = [name for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME) if name in self._files]
         names += [shard["file"] for shard in self.store.shards]
-        return names + [name for name in KNN_FILES if (self.directory / name).is_file()]
+        return names + [name for name in KNN_FILES if self._listed(name)]
+
+    def _listed(self, name: str) -> bool:
+        """Whether ``name`` is present and the manifest vouches for it (an HNSW file it does not list is ignored)."""
+        return name in self._files and name in ((self.manifest or {}).get("files") or {})
 
     def save_pretrained(
         self,
@@ -181,7 +220,10 @@ class AttributionIndex:
 
         A directory that already holds another index is refused unless ``overwrite=True`` (its index files are
         then replaced); one that holds anything else is always refused. The directory's write lock is held while
-        writing, so a concurrent build or save there fails with a clear error instead of mixing files.
+        writing, so a concurrent build or save there fails with a clear error instead of mixing files. The new
+        files are written beside the old ones first and moved in with renames, the manifest last: whatever
+        interrupts a save, the directory holds the old index or the new one, the next save is never refused, and
+        readers that opened the old index keep reading it.
 
         With ``push_to_hub=True`` the saved copy is then pushed to ``repo_id`` (default: the directory's name), with
         ``push_kwargs`` passed on to :meth:`push_to_hub`; the commit's :class:`~huggingface_hub.CommitInfo` is
@@ -196,30 +238,57 @@ class AttributionIndex:
         return saved.push_to_hub(repo_id or target.resolve().name, **push_kwargs)
 
     def _copy_to(self, target: Path, overwrite: bool) -> None:
-        check_not_foreign(target)
+        """Writes the index into ``target/.dmin-staging`` (checking every byte copied against the manifest), then
+        moves it into ``target`` file by file, the manifest last. A failure while staging leaves ``target`` as it
+        was; one while moving (renames only) is finished before the error is raised, so ``target`` holds the old
+        index or the new one, and readers that opened the old one keep reading it."""
+        if not (target / LOCK_NAME).exists():
+            check_not_foreign(target)  # before the lock file is created: a foreign folder is left untouched
         with index_write_lock(target):
-            existing = read_manifest(target) if (target / CONFIG_NAME).exists() else None
-            if (target / CONFIG_NAME).exists() and existing != self.manifest:
-                if not overwrite:
-                    raise FileExistsError(
-                        f"{target} already holds another attribution index; pass overwrite=True to replace it"
-                    )
-                for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, *KNN_FILES):
-                    (target / name).unlink(missing_ok=True)
-                shutil.rmtree(target / SHARD_DIR, ignore_errors=True)
-            (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-            for name in self.files():
-                shutil.copyfile(self.directory / name, target / name)
-            if not (self.directory / KNN_NAME).is_file() and self._knn is not None:
-                self._knn.save(target)
-            record_files(target, list(CHECKSUMMED_FILES))
+            check_not_foreign(target)
+            staging = target / STAGING_NAME
+            existing = _existing_manifest(target)
+            interrupted = existing is None and staging.exists()  # an earlier save that did not finish its move
+            if (target / CONFIG_NAME).exists() and existing != self.manifest and not interrupted and not overwrite:
+                raise FileExistsError(
+                    f"{target} already holds another attribution index; pass overwrite=True to replace it"
+                )
+            with disk_full_guard(target, f"{target} was left as it was"):
+                shutil.rmtree(staging, ignore_errors=True)
+                try:
+                    manifest = self._stage(staging)
+                except BaseException:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    raise
+            try:
+                _move_into(staging, target, manifest)
+            except BaseException:
+                _move_into(staging, target, manifest)  # renames only: finish, so target is never half old
+                raise
+
+    def _stage(self, staging: Path) -> dict:
+        """Copies the pinned files of the index into ``staging``, with an HNSW index rebuilt in memory, and returns
+        the manifest written there (listing every file's checksum)."""
+        (staging / SHARD_DIR).mkdir(parents=True)
+        records = manifest_entries(self.manifest) if self.manifest else {}
+        for name in self.files():
+            _copy_checked(self._files.path(name), staging / name, records.get(name), name, self.source)
+        if not self._listed(KNN_NAME) and self._knn is not None:
+            self._knn.save(staging)
+        return record_files(staging, list(CHECKSUMMED_FILES))
 
     def record_checksums(self) -> None:
         """Lists the sha256 and size of the config, the dataset reference and the HNSW files in the manifest
         (the shards are listed as they are written)."""
         if self.read_only:
-            raise PermissionError(f"{self.source} is read-only (a Hub snapshot); save_pretrained it elsewhere first")
-        self.manifest = record_files(self.directory, list(CHECKSUMMED_FILES))
+            raise PermissionError(
+                f"{self.source} is read-only (a Hub snapshot or a read-only copy); save_pretrained it elsewhere first"
+            )
+        with disk_full_guard(self.directory, "the index's files are kept"):
+            record_files(self.directory, list(CHECKSUMMED_FILES))
+        self.manifest, self._files = self._open_files(verify=False)
+        with self._lock:
+            self._store = None  # opened again on the files just pinned
 
     def push_to_hub(
         self,
@@ -252,10 +321,14 @@ class AttributionIndex:
         Returns:
             the :class:`~huggingface_hub.CommitInfo` of the commit that holds the complete index.
         """
-        if not self.read_only:
+        if not self.read_only and self._unrecorded():
             self.record_checksums()
         self._check_complete()
-        verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES)  # never publish damage
+        # never publish damage, nor files another process replaced since this index was opened
+        verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES, files=self._files)
+        replaced = [name for name in self.files() if not self._files.unchanged(name)]
+        if replaced:
+            raise changed_error(self.source, f"{replaced[0]} was replaced")
         summary = IndexSummary(
             self.config, self.dataset_info, self.manifest, self.num_rows, self.knn_dim,
             sum((self.directory / name).stat().st_size for name in self.files()),
@@ -266,6 +339,12 @@ class AttributionIndex:
             commit_message=commit_message, repo_type=repo_type, create_pr=create_pr, subfolder=subfolder,
             max_commit_bytes=max_commit_bytes,
         )
+
+    def _unrecorded(self) -> bool:
+        """Whether a file beside the shards is present but not listed in the manifest, or listed but gone."""
+        listed = set(((self.manifest or {}).get("files") or {}))
+        present = {name for name in CHECKSUMMED_FILES if (self.directory / name).is_file()}
+        return bool(listed - present)
 
     def _check_complete(self) -> None:
         if self.manifest is None:
@@ -278,21 +357,20 @@ class AttributionIndex:
 
     def attach_dataset(self, dataset: Any, strict: bool = True) -> None:
         """Sets the training dataset that row ids refer to, after checking it is the one the index was built on:
-        the recorded size, and the digest of a sample of its rows (:func:`dataset_digest`), so that another dataset
-        of the same size, or the same one reordered, is refused; ``strict=False`` only warns about the digest."""
+        the recorded size, and the content of every row (:func:`~dmin_diffusers.fingerprints.check_dataset_digest`:
+        images by their bytes, not their paths, and captions), so that another dataset, an edited image or the
+        same rows in another order is refused; ``strict=False`` only warns about the content."""
         expected = self.dataset_info.get("num_rows")
         if expected is not None and len(dataset) != expected:
             raise ValueError(f"the index was built on {expected} rows, but the dataset given has {len(dataset)}")
         recorded = self.dataset_info.get("content_digest")
         if recorded is not None:
             columns = [c for c in (self.dataset_info.get("image_column"), self.dataset_info.get("caption_column")) if c]
-            missing = [c for c in columns if c not in getattr(dataset, "column_names", columns)]
-            found = None if missing else dataset_digest(dataset, columns)
-            if found != recorded:
+            reason = check_dataset_digest(dataset, columns, recorded)
+            if reason is not None:
                 message = (
-                    f"the dataset given is not the one {self.source} was built on: "
-                    + (f"it has no column {missing}" if missing else "its rows differ (or are in another order)")
-                    + "; result rows would be the wrong images"
+                    f"the dataset given is not the one {self.source} was built on: {reason}; result rows would be "
+                    "the wrong images"
                 )
                 if strict:
                     raise ValueError(message + " (pass strict=False to attach it anyway)")
@@ -301,21 +379,32 @@ class AttributionIndex:
 
     @property
     def store(self) -> VectorStore:
-        if self._store is None:
-            manifest = self.manifest or read_manifest(self.directory)
-            if manifest is None:
-                raise FileNotFoundError(f"no {MANIFEST_NAME} in {self.source}")
-            if int(manifest["row_dim"]) != self.config.row_dim or manifest["dtype"] != self.config.storage_dtype:
-                raise ValueError(
-                    f"{self.source}: {MANIFEST_NAME} lists rows of {manifest['row_dim']} {manifest['dtype']} values, "
-                    f"the config says {self.config.row_dim} {self.config.storage_dtype}"
+        """The stored rows, read from the files pinned when the index was opened."""
+        with self._lock:
+            if self._store is None:
+                self._store = self._open_store()
+            return self._store
+
+    def _open_store(self) -> VectorStore:
+        manifest = self.manifest
+        if manifest is None:
+            raise FileNotFoundError(f"no {MANIFEST_NAME} in {self.source}: the index was not finished")
+        if int(manifest["row_dim"]) != self.config.row_dim or manifest["dtype"] != self.config.storage_dtype:
+            raise ValueError(
+                f"{self.source}: {MANIFEST_NAME} lists rows of {manifest['row_dim']} {manifest['dtype']} values, "
+                f"the config says {self.config.row_dim} {self.config.storage_dtype}"
+            )
+        for shard in manifest["shards"]:
+            if shard["file"] not in self._files:
+                raise IndexIntegrityError(
+                    f"{shard['file']} is listed in {MANIFEST_NAME} but missing from {self.source}"
                 )
-            for shard in manifest["shards"]:
-                check_shard_layout(self.directory, shard, self.config.row_dim, self.config.storage_dtype)
-            store = VectorStore(self.directory)
-            self._check_row_ids(store.row_ids)
-            self._store = store
-        return self._store
+            check_shard_layout(self.directory, shard, self.config.row_dim, self.config.storage_dtype,
+                               path=self._files.path(shard["file"]))
+        store = VectorStore(self.directory, manifest=manifest, files=self._files,
+                            block_size=self.config.projection_dim)
+        self._check_row_ids(store.row_ids)
+        return store
 
     def _check_row_ids(self, row_ids: np.ndarray) -> None:
         num_rows = self.dataset_info.get("num_rows")
@@ -339,57 +428,71 @@ class AttributionIndex:
 
     @property
     def knn(self) -> KnnIndex:
-        """The HNSW index: ``knn.bin`` (and its projection), validated and loaded, or, when a file is missing,
-        rebuilt from the rows (and saved beside them unless the index is read-only)."""
-        if self._knn is None:
-            needed = [KNN_NAME] + ([KNN_PROJECTION_NAME] if self.config.knn_projection == "pca" else [])
-            missing = [name for name in needed if not (self.directory / name).exists()]
-            if not missing:
-                self._knn = self._load_knn()
-            else:
-                logger.warning("%s has no %s: building the HNSW index from the %d stored rows",
-                               self.source, " or ".join(missing), self.num_rows)
-                self.build_knn()
-        return self._knn
+        """The HNSW index: ``knn.bin`` (and its projection), validated and loaded, or, when a file is missing or
+        not listed in the manifest, rebuilt from the rows (and saved beside them unless the index is read-only)."""
+        with self._lock:
+            if self._knn is None:
+                needed = [KNN_NAME] + ([KNN_PROJECTION_NAME] if self.config.knn_projection == "pca" else [])
+                missing = [name for name in needed if not self._listed(name)]
+                if not missing:
+                    self._knn = self._load_knn()
+                else:
+                    logger.warning("%s has no %s listed in its manifest: building the HNSW index from the %d "
+                                   "stored rows", self.source, " or ".join(missing), self.num_rows)
+                    self._build_knn(save=not self.read_only and not lock_held_elsewhere(self.directory))
+            return self._knn
 
     def _load_knn(self) -> KnnIndex:
-        records = (self.manifest or {}).get("files", {})
+        records = self.manifest["files"]
+        paths = {name: self._files.path(name) for name in KNN_FILES if self._listed(name)}
         projection = None
         try:
-            for name in KNN_FILES:
-                if name in records and (self.directory / name).exists():
-                    check_file_digest(self.directory / name, records[name], name)
+            for name, path in paths.items():
+                check_file_digest(path, records[name], name, self.source)
             if self.config.knn_projection == "pca":
-                projection = load_projection(self.directory / KNN_PROJECTION_NAME, self.config.num_timesteps,
+                projection = load_projection(paths[KNN_PROJECTION_NAME], self.config.num_timesteps,
                                              self.config.projection_dim, self.knn_dim)
-            check_knn_file(self.directory / KNN_NAME, self.config.num_timesteps * self.knn_dim, self.store.row_ids,
-                           self.config.hnsw_m, self.config.hnsw_ef_construction)
+            check_knn_file(paths[KNN_NAME], self.config.num_timesteps * self.knn_dim, self.store.row_ids,
+                           self.config.hnsw_m, self.config.hnsw_ef_construction, name=KNN_NAME)
+            knn = KnnIndex.load(paths[KNN_NAME], self.config.num_timesteps, self.knn_dim, self.num_rows, projection)
+            for name in paths:
+                self._files.check(name)
         except ValueError as error:
+            if not self._files.unchanged(MANIFEST_NAME):  # rewritten since the index was opened: not damage
+                raise changed_error(self.source, f"{KNN_NAME} was rebuilt") from None
             raise IndexIntegrityError(
                 f"{error} (in {self.source}; delete {KNN_NAME} and call build_knn() to rebuild the HNSW index)"
             ) from None
-        return KnnIndex.load(self.directory / KNN_NAME, self.config.num_timesteps, self.knn_dim, self.num_rows,
-                             projection)
+        return knn
 
     def build_knn(self) -> KnnIndex:
         """(Re)builds the HNSW index from the stored rows: with ``knn_projection="pca"``, the projection is fitted
         first on up to 4,096 rows spread over the index. It is saved as ``knn.bin`` (and
         ``knn_projection.safetensors``) beside them, with checksums in the manifest, unless the index is
-        read-only (then see :meth:`save_pretrained`)."""
-        projection = None
-        if self.config.knn_projection == "pca":
-            sample = self.store.get_rows(sample_row_ids(self.store.row_ids))
-            sample = sample.reshape(len(sample), self.config.num_timesteps, self.config.projection_dim)
-            projection = fit_projection(sample, self.knn_dim, self.config.seed)
-        self._knn = KnnIndex.build(
-            self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m, self.config.hnsw_ef_construction,
-            projection=projection,
-        )
-        if not self.read_only:
-            with index_write_lock(self.directory):
-                self._knn.save(self.directory)
-                self.record_checksums()
-        return self._knn
+        read-only (then it stays in memory; see :meth:`save_pretrained`)."""
+        return self._build_knn(save=not self.read_only)
+
+    def _build_knn(self, save: bool) -> KnnIndex:
+        with self._lock:
+            projection = None
+            if self.config.knn_projection == "pca":
+                sample = self.store.get_rows(sample_row_ids(self.store.row_ids))
+                sample = sample.reshape(len(sample), self.config.num_timesteps, self.config.projection_dim)
+                projection = fit_projection(sample, self.knn_dim, self.config.seed)
+            knn = KnnIndex.build(
+                self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m,
+                self.config.hnsw_ef_construction, projection=projection,
+            )
+            if save:
+                with index_write_lock(self.directory), disk_full_guard(self.directory, "the stored rows are kept"):
+                    if self._files.unchanged(MANIFEST_NAME):
+                        knn.save(self.directory)
+                        self.record_checksums()
+                    else:  # another index replaced this one's files since it was opened: never mix them
+                        logger.warning("%s was replaced since it was opened: the HNSW index stays in memory",
+                                       self.source)
+            self._knn = knn
+            return knn
 
     def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
         """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector.
@@ -422,13 +525,89 @@ class AttributionIndex:
         return torch.einsum("rtk,tk->rt", rows, query.reshape(T, K).to(torch.float32)).numpy()
 
 
+def _existing_manifest(directory: Path) -> dict | str | None:
+    """The manifest of the index in ``directory``, ``"damaged"`` when it cannot be read, ``None`` if none."""
+    if not (directory / CONFIG_NAME).exists():
+        return None
+    try:
+        return read_manifest(directory)
+    except IndexIntegrityError:
+        return "damaged"  # another index, as far as overwriting it is concerned
+
+
+def _writable(directory: Path) -> bool:
+    """Whether to write into ``directory``: this process may, and its owner has not removed every write permission
+    (``chmod -R a-w`` marks a shared copy read-only, even for root)."""
+    try:
+        return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
+    except OSError:
+        return False
+
+
+def _copy_checked(source: str, destination: Path, record: dict | None, name: str, where: str) -> None:
+    """Copies a file, checking the bytes copied against the manifest's sha256 and size when it lists them."""
+    digest, size = hashlib.sha256(), 0
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        for block in iter(lambda: reader.read(1 << 20), b""):
+            digest.update(block)
+            size += len(block)
+            writer.write(block)
+        writer.flush()
+        os.fsync(writer.fileno())
+    if record is not None and (digest.hexdigest() != record["sha256"] or size != record["bytes"]):
+        raise IndexIntegrityError(
+            f"{name} in {where} does not match its checksum in {MANIFEST_NAME}: the file was modified or damaged; "
+            "it was not copied"
+        )
+
+
+def _index_entries(directory: Path) -> tuple[list[Path], list[Path]]:
+    """The files of ``directory`` that belong to an index (or its build), and those that do not."""
+    known = {CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, *KNN_FILES, LOCK_NAME, STAGING_NAME, SHARD_DIR}
+    ours, foreign = [], []
+    for path in directory.iterdir() if directory.is_dir() else []:
+        if path.name == SHARD_DIR and path.is_dir():
+            for inner in path.iterdir():
+                is_ours = inner.is_file() and inner.name.endswith((".safetensors", ".json", TEMPORARY_SUFFIX))
+                (ours if is_ours else foreign).append(inner)
+        elif path.name in known or path.name.endswith(TEMPORARY_SUFFIX):
+            ours.append(path)
+        else:
+            foreign.append(path)
+    return ours, foreign
+
+
+def _move_into(staging: Path, target: Path, manifest: dict) -> None:
+    """Moves a staged index into ``target``: its manifest is removed first (a reader opening meanwhile waits for
+    the new one), every other file renamed over the old one, the new manifest renamed last, then the old index's
+    files that the new one does not list are deleted. Only renames: it can be called again to finish."""
+    listed = set(manifest_entries(manifest))
+    if (staging / MANIFEST_NAME).exists():  # not moved yet
+        (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (target / MANIFEST_NAME).unlink(missing_ok=True)
+        for name in sorted(listed):
+            if (staging / name).exists():
+                os.replace(staging / name, target / name)
+        for name in KNN_FILES:
+            if name not in listed:
+                (target / name).unlink(missing_ok=True)
+        os.replace(staging / MANIFEST_NAME, target / MANIFEST_NAME)
+    ours, _ = _index_entries(target)
+    for path in ours:
+        relative = path.relative_to(target).as_posix()
+        if path.parent.name == SHARD_DIR and relative not in listed:
+            path.unlink(missing_ok=True)  # the old index's shards, and the per-writer lists of a build
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def describe_dataset(
     dataset: Any, image_column: str, caption_column: str | None, reference: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """What an index records about its training dataset. ``reference`` may add where it comes from (``name``,
-    ``config_name``, ``revision``, ``split``, ``selection``), so that rows can be found again without the dataset
-    object; without it, a dataset loaded from the Hub with ``load_dataset`` is recognised by where ``datasets``
-    cached it (repository id, config and commit)."""
+    """What an index records about its training dataset: its size, columns and ``content_digest``, the digest of
+    every row's image content and caption (:func:`~dmin_diffusers.fingerprints.dataset_digest`). ``reference`` may
+    add where it comes from (``name``, ``config_name``, ``revision``, ``split``, ``selection``), so that rows can be
+    found again without the dataset object; without it, a dataset loaded from the Hub with ``load_dataset`` is
+    recognised by where ``datasets`` cached it (repository id, config and commit)."""
     info = getattr(dataset, "info", None)
     described = {
         "num_rows": len(dataset),
@@ -451,41 +630,91 @@ def describe_dataset(
 
 
 def check_not_foreign(directory: Path) -> None:
-    """Refuses (``ValueError``) a directory that holds files but no attribution index."""
-    if (directory / CONFIG_NAME).exists() or not directory.exists():
+    """Refuses a directory that another process is writing (:class:`~dmin_diffusers.locks.IndexBusyError`, judged
+    before its files, which are half-written while it works) or that holds files but no attribution index
+    (``ValueError``)."""
+    directory = Path(directory)
+    if not directory.exists():
         return
-    if any(path.name != LOCK_NAME for path in directory.iterdir()):
+    check_not_busy(directory)
+    if (directory / CONFIG_NAME).exists():
+        return
+    if any(path.name not in (LOCK_NAME, STAGING_NAME) for path in directory.iterdir()):
+        check_not_busy(directory)  # the lock may have been taken while the directory was listed
         raise ValueError(f"{directory} is not empty and is not an attribution index; refusing to write into it")
 
 
-def prepare_index_directory(directory: str | os.PathLike, config: DMinConfig, dataset_info: dict) -> None:
+def _stale_reasons(directory: Path, config: DMinConfig, dataset_info: dict) -> list[str]:
+    """How the index in ``directory`` differs from the one ``config`` and ``dataset_info`` describe."""
+    existing = DMinConfig.from_dict(_read_json(directory / CONFIG_NAME, CONFIG_NAME, str(directory)))
+    reasons = [f"settings: {difference}" for difference in existing.differences(config)]
+    info_path = directory / DATASET_INFO_NAME
+    existing_info = _read_json(info_path, DATASET_INFO_NAME, str(directory)) if info_path.exists() else {}
+    for key in ("num_rows", "image_column", "caption_column", "content_digest"):
+        if key == "content_digest" and existing_info.get(key) is None:  # recorded since version 0.2
+            continue
+        if existing_info.get(key) != dataset_info.get(key):
+            reasons.append(f"dataset: {key} {existing_info.get(key)!r} != {dataset_info.get(key)!r}")
+    return reasons
+
+
+def _remove_index(directory: Path) -> None:
+    """Deletes the index files of ``directory`` (the manifest first, so it is never listing deleted files); the
+    config and dataset reference are then overwritten by the new build. Refuses anything not an index file."""
+    ours, foreign = _index_entries(directory)
+    if foreign:
+        raise ValueError(
+            f"{directory} holds files that are not part of an attribution index ({foreign[0].name}, ...); "
+            "refusing to delete the stale index there: move them away or use another output directory"
+        )
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    for path in ours:
+        if path.name in (CONFIG_NAME, DATASET_INFO_NAME, LOCK_NAME, SHARD_DIR):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def prepare_index_directory(
+    directory: str | os.PathLike, config: DMinConfig, dataset_info: dict, replace_stale: bool = False
+) -> None:
     """Makes ``directory`` ready for building, or checks that the index already there can be resumed.
 
     Refuses (``ValueError``) a directory with other files in it, an index built with other settings, or one
-    built on another dataset, so a call never overwrites or mixes rows it did not write.
+    built on another dataset, so a call never overwrites or mixes rows it did not write. With
+    ``replace_stale=True``, such a stale index is deleted instead (its index files only; a directory that also
+    holds other files is still refused), with a warning naming the differences, and a fresh build starts. The
+    caller holds the directory's write lock.
     """
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
-    if config_path.exists():
-        existing = DMinConfig.from_json_file(config_path)
-        differences = existing.differences(config)
-        if differences:
-            raise ValueError(
-                f"{directory} already holds an index built with other settings ({'; '.join(differences)}); "
-                "use another output directory or delete it"
-            )
-        info_path = directory / DATASET_INFO_NAME
-        existing_info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        for key in ("num_rows", "image_column", "caption_column", "content_digest"):
-            if key == "content_digest" and existing_info.get(key) is None:  # recorded since version 0.2
-                continue
-            if existing_info.get(key) != dataset_info.get(key):
+    no_rows = not (directory / DATASET_INFO_NAME).exists() and not any((directory / SHARD_DIR).glob("*.json"))
+    if config_path.exists() and no_rows and not (directory / MANIFEST_NAME).exists():
+        pass  # a build interrupted between writing its config and its dataset reference: start it again
+    elif config_path.exists():
+        reasons = _stale_reasons(directory, config, dataset_info)
+        if not reasons:
+            return
+        if not replace_stale:
+            settings = [reason for reason in reasons if reason.startswith("settings: ")]
+            if settings:
                 raise ValueError(
-                    f"{directory} already holds an index of another dataset ({key}: "
-                    f"{existing_info.get(key)!r} != {dataset_info.get(key)!r}); use another output directory"
+                    f"{directory} already holds an index built with other settings "
+                    f"({'; '.join(reason[len('settings: '):] for reason in settings)}); use another output "
+                    "directory or delete it"
                 )
-        return
-    check_not_foreign(directory)
+            raise ValueError(
+                f"{directory} already holds an index of another dataset ({reasons[0][len('dataset: '):]}); use "
+                "another output directory"
+            )
+        logger.warning("%s holds a stale attribution index (%s): deleting it and building a new one",
+                       directory, "; ".join(reasons))
+        _remove_index(directory)
+    else:
+        check_not_foreign(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / DATASET_INFO_NAME, dataset_info)
-    write_json_atomic(config_path, config.to_dict())
+    with disk_full_guard(directory, "nothing was computed yet"):  # the config first: it marks the directory ours
+        write_json_atomic(config_path, config.to_dict())
+        write_json_atomic(directory / DATASET_INFO_NAME, dataset_info)

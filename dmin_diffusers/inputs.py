@@ -1,20 +1,23 @@
 """Images to model inputs, with the preprocessing of diffusers' training scripts (PIL + numpy).
 
-The scripts apply ``Resize(resolution, bilinear)``, ``CenterCrop(resolution)``, ``ToTensor()`` and
+The scripts apply ``Resize(resolution, interpolation)`` (the text-to-image scripts' ``--image_interpolation_mode``,
+default lanczos; ``train_dreambooth.py`` and the SD3 / Flux DreamBooth scripts: bilinear), ``CenterCrop(resolution)``, ``ToTensor()`` and
 ``Normalize([0.5], [0.5])``; random flips and random crops are left out because attribution must be
-deterministic.
+deterministic. torchvision resizes a PIL image with PIL's own filter, so PIL gives the same pixels.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 
-from .config import check_integer
+from .config import INTERPOLATION_MODES, check_integer
 
 ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a one-element list of those
 
@@ -22,6 +25,12 @@ ImageInput = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | a one-element 
 #: PIL modes holding 16-bit values (a 16-bit PNG opens as "I;16" or "I"): scaled by 65535, not clipped at 255
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 CHANNEL_COUNTS = (1, 3, 4)
+#: the PIL filter torchvision uses for each of its interpolation modes on a PIL image
+PIL_FILTERS = {
+    "bilinear": PIL.Image.BILINEAR, "bicubic": PIL.Image.BICUBIC, "box": PIL.Image.BOX, "nearest": PIL.Image.NEAREST,
+    "nearest_exact": PIL.Image.NEAREST, "hamming": PIL.Image.HAMMING, "lanczos": PIL.Image.LANCZOS,
+}
+assert set(PIL_FILTERS) == set(INTERPOLATION_MODES)
 
 
 def to_pil(image: ImageInput) -> PIL.Image.Image:
@@ -57,6 +66,16 @@ def to_pil(image: ImageInput) -> PIL.Image.Image:
     else:
         raise TypeError(f"image must be a PIL image, numpy array or torch tensor, got {type(image).__name__}")
     return _array_to_pil(array)
+
+
+def open_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Opens an image file as a ``datasets`` Image feature decodes it: loaded at once, and turned upright by its
+    EXIF orientation (a photo's rows were oriented so when they were cached, so a query file must be too)."""
+    image = PIL.Image.open(path)
+    image.load()
+    if image.getexif().get(PIL.Image.ExifTags.Base.Orientation) is not None:
+        image = PIL.ImageOps.exif_transpose(image)
+    return image
 
 
 def _single(batch):
@@ -145,23 +164,25 @@ def crop_geometry(width: int, height: int, resolution: int, center_crop: bool = 
 
 
 def preprocess_image(
-    image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True
+    image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True, interpolation: str = "bilinear"
 ) -> torch.Tensor:
-    """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``, resized and cropped
-    as :func:`crop_geometry` says."""
-    return preprocess_with_geometry(image, resolution, channels, center_crop)[0]
+    """One image as a float32 tensor ``(1, channels, resolution, resolution)`` in ``[-1, 1]``, resized with the
+    ``interpolation`` filter (one of ``INTERPOLATION_MODES``) and cropped as :func:`crop_geometry` says."""
+    return preprocess_with_geometry(image, resolution, channels, center_crop, interpolation)[0]
 
 
 def preprocess_with_geometry(
-    image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True
+    image: ImageInput, resolution: int, channels: int = 3, center_crop: bool = True, interpolation: str = "bilinear"
 ) -> tuple[torch.Tensor, CropGeometry]:
     """:func:`preprocess_image`, and the :class:`CropGeometry` of the crop it took."""
     resolution = check_integer("resolution", resolution, 1)
+    if interpolation not in PIL_FILTERS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATION_MODES}, got {interpolation!r}")
     pil = to_pil(image).convert("L" if channels == 1 else "RGB")
     geometry = crop_geometry(*pil.size, resolution, center_crop)
     new_size = geometry.resized_size[::-1]  # PIL sizes are (width, height)
     if new_size != pil.size:
-        pil = pil.resize(new_size, PIL.Image.BILINEAR)
+        pil = pil.resize(new_size, PIL_FILTERS[interpolation])
     top, left = geometry.crop_top_left
     pil = pil.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(pil, dtype=np.float32) / 127.5 - 1.0

@@ -31,12 +31,14 @@ def check_knn_file(
     row_ids: np.ndarray,
     m: int,
     ef_construction: int,
+    name: str | None = None,
 ) -> None:
     """Raises ``ValueError`` naming ``path`` unless it is an hnswlib inner-product index of ``dim`` float32
     values per element over exactly the rows ``row_ids``, built with ``M = m``, whose graph only links existing
-    elements. Nothing is loaded into hnswlib; level 0 is read through a memory map, in chunks."""
+    elements. Nothing is loaded into hnswlib; level 0 is read through a memory map, in chunks. ``name``: the
+    file's name in messages (default: that of ``path``)."""
     path = Path(path)
-    name = path.name
+    name = name or path.name  # ``path`` may be a pinned file (/proc/self/fd/N): messages name the index file
     size = path.stat().st_size
     if size < _HEADER.size:
         raise ValueError(f"{name} has {size} bytes, less than an hnswlib header ({_HEADER.size}): truncated")

@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .store import save_tensors_atomic
 
 KNN_PROJECTION_NAME = "knn_projection.safetensors"
 #: rows the principal components are fitted on (evenly spaced over the index)
@@ -55,10 +57,8 @@ def project(vectors: torch.Tensor, projection: torch.Tensor) -> torch.Tensor:
 
 
 def save_projection(projection: torch.Tensor, path: str | os.PathLike) -> None:
-    """Writes the projection atomically (a temporary file, then a rename)."""
-    temporary = f"{path}.tmp"
-    save_file({"projection": projection.contiguous()}, temporary)
-    os.replace(temporary, Path(path))
+    """Writes the projection atomically (a temporary file, synced, then a rename)."""
+    save_tensors_atomic({"projection": projection.contiguous()}, Path(path))
 
 
 def load_projection(path: str | os.PathLike, num_timesteps: int, dim: int, knn_dim: int) -> torch.Tensor:

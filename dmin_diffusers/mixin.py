@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -14,15 +15,28 @@ from diffusers import DiffusionPipeline
 from .caching import DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
-from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, check_config_matches
+from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, check_config_matches, select_tracked_parameters
 from .hub import resolve_index_location
 from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
+from .model_state import ModelMismatchError, model_lock, pipeline_state
 from .result import AttributionResult
 
 
 #: rows returned by ``attribute`` (and ``dmin attribute``) unless told otherwise
 DEFAULT_TOP_K = 10
+
+
+@dataclass(frozen=True)
+class _Attached:
+    """An attached index with what was computed for it (replaced whole, so a concurrent reader sees one or the
+    other): the sketcher, the :func:`~dmin_diffusers.model_state.pipeline_state` it was last checked at, and
+    whether a mismatch is an error (``strict``) or a warning."""
+
+    index: AttributionIndex
+    sketcher: GradientSketcher
+    state: str
+    strict: bool
 
 
 class InfluenceMixin:
@@ -31,10 +45,26 @@ class InfluenceMixin:
 
     Index state lives in private attributes, so the pipeline's components, config and ``save_pretrained``
     output are those of the plain diffusers class.
+
+    Thread safety: ``attribute``, ``attribution_vector`` and generation (``pipe(...)``) hold a lock of the
+    pipeline's denoiser (:func:`~dmin_diffusers.model_state.model_lock`), so calls from several threads (the
+    page's concurrent users) run one at a time and give the answers they would give alone.
+
+    The model is checked at every query, not only when the index is attached: a query after
+    ``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ``disable_lora``, an edit of the weights or a replaced
+    component raises :class:`~dmin_diffusers.model_state.ModelMismatchError` unless the model still matches the
+    index (with ``strict=False`` at load, it warns instead).
     """
 
-    _attribution_index: AttributionIndex | None = None
-    _attribution_sketcher: GradientSketcher | None = None
+    _attached: _Attached | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        # generation uses the denoiser whose parameters attribution swaps: never both at once
+        with self._model_lock():
+            return super().__call__(*args, **kwargs)
+
+    def _model_lock(self):
+        return model_lock(detect_family(self).denoiser)
 
     def to_json_string(self) -> str:
         # Save under the plain diffusers class name so that the saved pipeline loads without this package.
@@ -47,15 +77,16 @@ class InfluenceMixin:
         """diffusers' ``from_pipe`` (a new pipeline on the same components); an attribution index attached to
         ``pipeline`` is attached to the new one too, after the usual check that it belongs to it."""
         new = super().from_pipe(pipeline, **kwargs)
-        index = getattr(pipeline, "_attribution_index", None)
-        if index is not None:
-            new.load_attribution_index(index)
+        attached = getattr(pipeline, "_attached", None)
+        if attached is not None:
+            new.load_attribution_index(attached.index, strict=attached.strict)
         return new
 
     @property
     def attribution_index(self) -> AttributionIndex | None:
         """The attached :class:`AttributionIndex`, if any."""
-        return self._attribution_index
+        attached = self._attached
+        return attached.index if attached is not None else None
 
     def build_attribution_index(
         self,
@@ -135,7 +166,7 @@ class InfluenceMixin:
                 + "; ".join(differences)
             )
             if strict:
-                raise ValueError(message + " (pass strict=False to use it anyway)")
+                raise ModelMismatchError(message + " (pass strict=False to use it anyway)")
             warnings.warn(message, stacklevel=3)
 
         index = pretrained_index_name_or_path
@@ -156,21 +187,22 @@ class InfluenceMixin:
                 check(index.source, index.config)
         if dataset is not None:
             index.attach_dataset(dataset, strict=strict)
-        self._attribution_index = index
-        self._attribution_sketcher = GradientSketcher(family, index.config)
+        with model_lock(family.denoiser):
+            sketcher = GradientSketcher(family, index.config)
+            self._attached = _Attached(index, sketcher, _state_of(sketcher), bool(strict))
         return index
 
     def unload_attribution_index(self) -> None:
         """Detaches the attribution index (and the state computed for it), as ``unload_lora_weights`` does for
         LoRA weights; ``attribute`` then needs ``load_attribution_index`` again."""
-        self._attribution_index = None
-        self._attribution_sketcher = None
+        self._attached = None
 
     def attribution_vector(self, image: ImageInput, prompt: str | None = None) -> torch.Tensor:
         """The ``(T, K)`` DMin vector of one image (and prompt), computed exactly as for training rows."""
-        sketcher = self._require_sketcher()
-        _check_prompt(sketcher.family, prompt)
-        return sketcher.sketch(sketcher.prepare(image, prompt))
+        with self._model_lock():
+            sketcher = self._checked().sketcher
+            _check_prompt(sketcher.family, prompt)
+            return sketcher.sketch(sketcher.prepare(image, prompt))
 
     def attribute(
         self,
@@ -197,11 +229,17 @@ class InfluenceMixin:
         top_k = check_integer("top_k", top_k, 1)
         if not isinstance(exact, (bool, np.bool_)):
             raise TypeError(f"exact must be True or False, got {type(exact).__name__} {exact!r}")
-        index, sketcher = self._require_index(), self._require_sketcher()
+        with self._model_lock():
+            return self._attribute(image, prompt, top_k, bool(exact))
+
+    def _attribute(self, image: Any, prompt: Any, top_k: int, exact: bool):
+        attached = self._checked()
+        index, sketcher = attached.index, attached.sketcher
         images, prompts, is_batch = _as_batch(image, prompt)
         for each in prompts:
             _check_prompt(sketcher.family, each)
         vectors = sketcher.sketch_many([sketcher.prepare(img, text) for img, text in zip(images, prompts)])
+        _refuse_zero_timesteps(vectors, index.config.timesteps)
         results = []
         for img, text, vector in zip(images, prompts, vectors):
             indices, scores = index.search(vector, top_k, exact=bool(exact))
@@ -213,16 +251,68 @@ class InfluenceMixin:
             ))
         return results if is_batch else results[0]
 
-    def _require_index(self) -> AttributionIndex:
-        if self._attribution_index is None:
+    def _require_attached(self) -> _Attached:
+        attached = self._attached
+        if attached is None:
             raise ValueError(
                 "no attribution index is attached: call build_attribution_index(...) or load_attribution_index(...)"
             )
-        return self._attribution_index
+        return attached
 
     def _require_sketcher(self) -> GradientSketcher:
-        self._require_index()
-        return self._attribution_sketcher
+        return self._require_attached().sketcher
+
+    def _checked(self) -> _Attached:
+        """The attached index and its sketcher, after checking (cheaply, see
+        :func:`~dmin_diffusers.model_state.pipeline_state`) that the pipeline is still the model it was built on.
+        When the model changed, the full check of ``load_attribution_index`` runs again: a mismatch raises
+        :class:`~dmin_diffusers.model_state.ModelMismatchError` (warns, with ``strict=False``); a match (e.g. the
+        same LoRA loaded again) re-binds the sketcher to the current parameters. Call with the model lock held."""
+        attached = self._require_attached()
+        sketcher = attached.sketcher
+        try:
+            state = _state_of(sketcher)
+        except ValueError as error:  # e.g. the tracked parameters are gone
+            state, problem = None, [str(error)]
+        else:
+            if state == attached.state:
+                return attached
+            problem = check_config_matches(attached.index.config, sketcher.family)
+        if problem:
+            message = (
+                f"this {type(self).__name__} changed since the attribution index {attached.index.source} was "
+                f"attached and no longer matches it: {'; '.join(problem)}"
+            )
+            if attached.strict:
+                raise ModelMismatchError(
+                    message + ". Attribute with the model the index was built on (e.g. load its LoRA again with "
+                    "the same scale), or build an index for this one"
+                )
+            warnings.warn(message, stacklevel=4)
+        sketcher = GradientSketcher(sketcher.family, attached.index.config, projector=sketcher.projector)
+        attached = replace(attached, sketcher=sketcher, state=state or _state_of(sketcher))
+        self._attached = attached
+        return attached
+
+
+def _state_of(sketcher: GradientSketcher) -> str:
+    """The :func:`~dmin_diffusers.model_state.pipeline_state` of the sketcher's pipeline, with the parameters its
+    config tracks selected anew (so a loaded adapter or a replaced denoiser shows)."""
+    family = sketcher.family
+    denoiser = family.denoiser
+    return pipeline_state(family.pipeline, denoiser,
+                          select_tracked_parameters(denoiser, sketcher.config.tracked_parameters))
+
+
+def _refuse_zero_timesteps(vectors: torch.Tensor, timesteps: list[int]) -> None:
+    """Refuses ``(N, T, K)`` query vectors with a timestep of all zeros (a gradient of zero: no ranking exists)."""
+    empty = vectors.abs().amax(dim=-1) == 0
+    if bool(empty.any()):
+        image, position = (int(i) for i in empty.nonzero()[0])
+        raise ValueError(
+            f"the DMin vector of query {image} is zero at timestep {timesteps[position]}: the tracked parameters do "
+            "not affect the model's output (a LoRA scale of 0, or disabled adapters?); no ranking can be computed"
+        )
 
 
 def _as_batch(image: Any, prompt: Any) -> tuple[list[Any], list[Any], bool]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import hnswlib
@@ -11,7 +12,7 @@ import torch
 
 from .knn_projection import KNN_PROJECTION_NAME, project, save_projection
 from .sketch import fold_sketch
-from .store import VectorStore
+from .store import VectorStore, sync_file
 
 KNN_NAME = "knn.bin"
 #: the files of the HNSW index, both optional (rebuilt from the rows when missing)
@@ -65,6 +66,7 @@ class KnnIndex:
 
     def __init__(self, index: hnswlib.Index, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None):
         self.index, self.num_timesteps, self.knn_dim, self.projection = index, num_timesteps, knn_dim, projection
+        self._lock = threading.Lock()  # ``set_ef`` is shared state of the hnswlib index: one query at a time
 
     @classmethod
     def build(
@@ -91,12 +93,19 @@ class KnnIndex:
         return cls(index, num_timesteps, knn_dim, projection)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Writes ``knn.bin`` (and the projection, if any) into ``directory``, each atomically."""
+        """Writes ``knn.bin`` (and the projection, if any) into ``directory``, each atomically (a temporary file,
+        synced, then renamed; removed on failure)."""
         if self.projection is not None:
             save_projection(self.projection, Path(directory) / KNN_PROJECTION_NAME)
         temporary = Path(directory) / f"{KNN_NAME}.tmp"
-        self.index.save_index(str(temporary))
-        os.replace(temporary, Path(directory) / KNN_NAME)
+        try:
+            with self._lock:
+                self.index.save_index(str(temporary))
+            sync_file(temporary)
+            os.replace(temporary, Path(directory) / KNN_NAME)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
 
     def candidates(self, query: torch.Tensor, count: int, ef: int | None = None) -> list[int]:
         """Row ids of the ``count`` approximate nearest rows by inner product."""
@@ -104,9 +113,10 @@ class KnnIndex:
         count = min(count, total)
         if count == 0:
             return []
-        self.index.set_ef(max(ef or 0, search_ef(count)))
         vector = knn_vectors(query.reshape(1, -1).to(torch.float32), self.num_timesteps, self.knn_dim, self.projection)
-        labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
+        with self._lock:
+            self.index.set_ef(max(ef or 0, search_ef(count)))
+            labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
         return [int(label) for label in labels[0]]
 
 

@@ -116,7 +116,7 @@ class SketchProjector:
         self.total = sum(self.parameter_sizes)
         if self.total == 0:
             raise ValueError("there are no tracked parameters to sketch")
-        self.dim = dim
+        self.dim, self.seed = dim, seed
         self.padded = math.ceil(self.total / dim) * dim
         self.group = self.padded // dim
         self.offsets = [0]

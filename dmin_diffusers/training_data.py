@@ -12,6 +12,8 @@ from typing import Any
 
 import datasets
 
+#: where a training run's attribution index goes inside its ``--output_dir`` (the callback and ``dmin cache``)
+INDEX_SUBFOLDER = "dmin-index"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 

@@ -116,7 +116,8 @@ def test_dmin_app_serves_a_saved_pipeline_index_and_dataset(tmp_path, monkeypatc
     assert main(["app", "--pretrained_model_name_or_path", str(tmp_path / "pipeline"), "--index",
                  str(tmp_path / "index"), "--dataset_name", str(tmp_path / "train-dataset"), "--port", "7999",
                  "--device", "cpu"]) == 0
-    assert (launched["server_name"], launched["server_port"]) == ("127.0.0.1", 7999)
+    # only what was given: Gradio takes the rest from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else its defaults
+    assert "server_name" not in launched and launched["server_port"] == 7999
     handler = launched["demo"].fns[0].fn  # "Generate and attribute"
     query, gallery, table, chart, status = handler("", 0, 2, 7.5, 3, True)
     assert len(gallery) == 3 and status == status.split("; images unavailable")[0]  # rows from the saved dataset

@@ -37,7 +37,7 @@ def test_resolved_config_round_trips_through_json(tmp_path):
     "kwargs, message",
     [
         ({"projection_dim": 1000}, "power of two"),
-        ({"num_timesteps": 0}, "at least 1"),
+        ({"num_timesteps": 0}, r"num_timesteps must be an integer in \[1, "),
         ({"num_timesteps": 2, "timesteps": [1, 2, 3]}, "has 3 values"),
         ({"storage_dtype": "int8"}, "storage_dtype"),
         ({"knn_dim": 8192}, "knn_dim"),

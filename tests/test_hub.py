@@ -28,7 +28,13 @@ from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 REPO = "user/sd-lora-shapes-dmin"
 DATASET_REPO = "user/shapes"
 NUM_ROWS = 10
-SHARDS = [f"vectors/part-000-of-001-{i:05d}.safetensors" for i in range(3)]
+
+
+def shard_names(index):
+    """The index's 3 shard files, in row order (their names hold a digest of their content)."""
+    names = [shard["file"] for shard in index.manifest["shards"]]
+    assert len(names) == 3 and all(name.startswith("vectors/part-000-of-001-") for name in names)
+    return names
 
 
 def make_pipeline(**kwargs):
@@ -77,7 +83,7 @@ def test_push_then_load_in_a_fresh_cache_attributes_like_the_local_index(local_h
     assert info.private and info.sha == commit.oid
     assert sorted(list_repo_files(REPO, repo_type="dataset")) == sorted(
         [".gitattributes", "README.md", "dataset.json", "dmin_config.json", "knn.bin", "knn_projection.safetensors",
-         "manifest.json", *SHARDS]
+         "manifest.json", *shard_names(index)]
     )  # no per-writer part-*.json lists, no temporary files
 
     card = DatasetCard.load(hf_hub_download(REPO, "README.md", repo_type="dataset"))
@@ -143,6 +149,7 @@ def test_revisions_branches_and_an_index_without_its_knn_file(local_hub, built, 
 
 def test_tampered_or_truncated_files_are_named(local_hub, built, tmp_path):
     pipe, dataset, index = built
+    SHARDS = shard_names(index)
     index.push_to_hub(REPO)
     shard = bytearray(Path(index.directory, SHARDS[1]).read_bytes())
     shard[-7] ^= 0xFF  # same size, one vector value changed
@@ -210,6 +217,7 @@ def test_an_index_is_refused_by_a_pipeline_it_does_not_belong_to(local_hub, buil
 
 def test_a_large_index_is_pushed_in_several_commits_and_resumes(local_hub, built, monkeypatch):
     _, _, index = built
+    SHARDS = shard_names(index)
     create_commit = HfApi.create_commit
     calls = []
 
@@ -239,6 +247,41 @@ def test_a_large_index_is_pushed_in_several_commits_and_resumes(local_hub, built
     assert index.push_to_hub(REPO, max_commit_bytes=40_000).oid == final.oid  # complete: nothing to send
     loaded = dm.AttributionIndex.from_pretrained(REPO, cache_dir=local_hub.new_cache_dir())
     assert loaded.store.get_rows(list(range(NUM_ROWS))).equal(index.store.get_rows(list(range(NUM_ROWS))))
+
+
+def test_an_interrupted_push_over_an_index_leaves_the_previous_one_intact(local_hub, built, tmp_path, monkeypatch):
+    """Shard names hold a digest of their content: the new index's shards never overwrite the old one's, so until
+    the metadata commit ``main`` is the previous index, complete and verified."""
+    pipe, _, first = built
+    config = dm.DMinConfig(num_timesteps=4, projection_dim=1024, shard_size=4, base_model="user/tiny-sd")
+    second = pipe.build_attribution_index(make_caption_dataset(NUM_ROWS, seed=1), tmp_path / "second",
+                                          config=config, progress=False)
+    assert not set(shard_names(first)) & set(shard_names(second))
+    first.push_to_hub(REPO)
+    create_commit = HfApi.create_commit
+    calls = []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(kwargs["commit_message"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return create_commit(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "create_commit", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            second.push_to_hub(REPO, max_commit_bytes=40_000)
+    assert [title.split("(")[-1] for title in calls[:2]] == ["vectors, part 1 of 3)", "vectors, part 2 of 3)"]
+    rows = list(range(NUM_ROWS))
+    on_main = dm.AttributionIndex.from_pretrained(REPO, cache_dir=local_hub.new_cache_dir())  # verified: a Hub copy
+    assert on_main.manifest["shards"] == first.manifest["shards"]
+    assert torch.equal(on_main.store.get_rows(rows), first.store.get_rows(rows))
+
+    second.push_to_hub(REPO, max_commit_bytes=40_000)  # resumes: the 2 shards already there are not sent again
+    on_main = dm.AttributionIndex.from_pretrained(REPO, cache_dir=local_hub.new_cache_dir())
+    assert on_main.manifest["shards"] == second.manifest["shards"]
+    assert torch.equal(on_main.store.get_rows(rows), second.store.get_rows(rows))
+    assert not set(shard_names(first)) & set(list_repo_files(REPO, repo_type="dataset"))  # deleted in the last commit
 
 
 def test_training_rows_come_from_the_recorded_hub_revision(local_hub, tmp_path):

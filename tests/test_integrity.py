@@ -212,3 +212,187 @@ def test_two_processes_with_different_datasets_in_one_directory(tmp_path):
     use_on_the_default_path(sd_pipeline(), dataset, directory)
     index = dm.AttributionIndex.from_pretrained(directory, verify=True)
     assert index.num_rows == NUM_ROWS and sorted(index.store.row_ids.tolist()) == list(range(NUM_ROWS))
+
+
+# ---------------------------------------------------------------------------------------------- zero vectors
+
+
+def test_zero_rows_are_refused_when_written_and_when_read(tmp_path, monkeypatch):
+    from dmin_diffusers import store as store_module
+    from dmin_diffusers.store import VectorStore, VectorStoreWriter, merge_manifests
+
+    writer = VectorStoreWriter(tmp_path / "refused", row_dim=8, dtype="float32", block_size=4)
+    with pytest.raises(ValueError, match="row 5 has an all-zero DMin vector at timestep 1: the tracked parameters"):
+        writer.add(5, torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="row 6 has an all-zero DMin vector: .*LoRA scale of 0"):
+        VectorStoreWriter(tmp_path / "whole", row_dim=8, dtype="float32").add(6, torch.zeros(8))
+
+    monkeypatch.setattr(store_module, "_zero_block", lambda vector, block_size: None)  # an older writer
+    writer = VectorStoreWriter(tmp_path / "stored", row_dim=8, dtype="float16", shard_size=2)
+    writer.add(0, torch.ones(8))
+    writer.add(1, torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 0.0, 0.0]))
+    writer.flush()
+    merge_manifests(tmp_path / "stored")
+    store = VectorStore(tmp_path / "stored", block_size=4)
+    assert store.get_rows([0]).sum() == 8
+    with pytest.raises(IndexIntegrityError, match="row 1 in .* is all zeros for a timestep"):
+        store.get_rows([1])
+    with pytest.raises(IndexIntegrityError, match="row 1 in .* is all zeros for a timestep"):
+        list(VectorStore(tmp_path / "stored", block_size=4).iter_chunks())
+
+
+def test_an_index_built_with_the_lora_scale_at_zero_fails_loudly(tmp_path):
+    pipe = sd_pipeline()
+    pipe.set_adapters(list(pipe.unet.peft_config), adapter_weights=[0.0])
+    with pytest.raises(ValueError, match="row 0 has an all-zero DMin vector.*LoRA scale of 0"):
+        pipe.build_attribution_index(make_caption_dataset(2), tmp_path / "index", config=config(), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- two writers
+
+
+def test_a_writer_holding_the_lock_is_reported_busy_before_its_files_are_judged(built, tmp_path):
+    """The winner of a race has written its dataset reference but not yet its config: the loser must hear that
+    another process is writing, not that the directory is foreign."""
+    from dmin_diffusers.index import check_not_foreign, prepare_index_directory
+
+    pipe, dataset, _ = built
+    busy = tmp_path / "busy"
+    script = textwrap.dedent(f"""
+        from pathlib import Path
+        import time
+        from dmin_diffusers.locks import index_write_lock
+        with index_write_lock({str(busy)!r}):
+            (Path({str(busy)!r}) / "dataset.json").write_text("{{}}")
+            print("locked", flush=True)
+            time.sleep(60)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            check_not_foreign(busy)
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            prepare_index_directory(busy, config(), {"num_rows": NUM_ROWS})
+        with pytest.raises(IndexBusyError, match="another process is writing"):
+            pipe.build_attribution_index(dataset, busy, config=config(), progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match="is not empty and is not an attribution index"):
+        check_not_foreign(busy)  # the holder is gone: now its leftovers are judged
+
+
+# ---------------------------------------------------------------------------------------------- stale index
+
+
+def test_replace_stale_deletes_only_an_index_built_otherwise(built, tmp_path, caplog):
+    from dmin_diffusers.index import prepare_index_directory
+
+    pipe, dataset, source = built
+    directory = tmp_path / "rerun"
+    dm.AttributionIndex.from_pretrained(source).save_pretrained(directory)
+    other = config(seed=3)
+    with pytest.raises(ValueError, match="already holds an index built with other settings"):
+        prepare_index_directory(directory, other, {"num_rows": NUM_ROWS})
+    info = dm.AttributionIndex.from_pretrained(directory).dataset_info
+    with caplog.at_level("WARNING"):
+        prepare_index_directory(directory, other, info, replace_stale=True)
+    assert "stale attribution index" in caplog.text and "seed" in caplog.text
+    assert sorted(p.name for p in directory.iterdir()) == [".dmin.lock", "dataset.json", "dmin_config.json", "vectors"]
+    assert list((directory / "vectors").iterdir()) == []
+    assert dm.DMinConfig.from_json_file(directory / "dmin_config.json").seed == 3
+
+    (directory / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files that are not part of an attribution index .*notes.txt"):
+        prepare_index_directory(directory, config(), info, replace_stale=True)
+    assert (directory / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------------------- bounded reads
+
+
+def test_files_that_are_not_regular_or_too_large_are_refused_without_blocking(built, tmp_path):
+    _, _, source = built
+    index = dm.AttributionIndex.from_pretrained(source)
+    cases = {}
+    for kind in ("fifo", "device", "directory", "huge"):
+        copy = tmp_path / kind
+        index.save_pretrained(copy)
+        cases[kind] = copy
+    os.unlink(cases["fifo"] / "dmin_config.json")
+    os.mkfifo(cases["fifo"] / "dmin_config.json")  # open() for reading would wait for a writer forever
+    os.unlink(cases["device"] / "manifest.json")
+    os.symlink("/dev/zero", cases["device"] / "manifest.json")  # endless bytes
+    os.unlink(cases["directory"] / "dataset.json")
+    os.mkdir(cases["directory"] / "dataset.json")
+    with open(cases["huge"] / "manifest.json", "r+b") as handle:
+        handle.truncate(65 << 20)  # sparse: larger than any manifest this library writes
+    messages = {"fifo": "dmin_config.json in .* is not a regular file",
+                "device": "manifest.json in .* is not a regular",
+                "directory": "dataset.json .*(not a regular file|is listed in manifest.json but missing)",
+                "huge": "manifest.json in .* has more than"}
+    for kind, copy in cases.items():
+        with pytest.raises(IndexIntegrityError, match=messages[kind]):
+            dm.AttributionIndex.from_pretrained(copy)
+
+
+def test_an_hnsw_file_the_manifest_does_not_list_is_never_loaded(built, tmp_path, caplog):
+    pipe, dataset, source = built
+    index = dm.AttributionIndex.from_pretrained(source)
+    other = tmp_path / "other"
+    sd_pipeline().build_attribution_index(make_caption_dataset(NUM_ROWS, seed=4), other, config=config(),
+                                          progress=False)
+    copy = tmp_path / "copy"
+    index.save_pretrained(copy)
+    from dmin_diffusers.store import read_manifest, write_manifest
+
+    manifest = read_manifest(copy)
+    for name in KNN_FILES:  # unlisted, and replaced by another index's valid HNSW files over the same row ids
+        del manifest["files"][name]
+        (copy / name).write_bytes((other / name).read_bytes())
+    write_manifest(copy, manifest)
+    opened = dm.AttributionIndex.from_pretrained(copy)
+    assert "knn.bin" not in opened.files()
+    query = pipe.attribution_vector(dataset[2]["image"], dataset[2]["text"])
+    with caplog.at_level("WARNING"):
+        assert opened.search(query, 3) == index.search(query, 3)
+    assert "no knn.bin" in caplog.text
+
+
+def test_a_read_only_index_loads_and_attributes_without_writing_anything(built, tmp_path):
+    pipe, dataset, source = built
+    index = dm.AttributionIndex.from_pretrained(source)
+    shared = tmp_path / "shared"
+    index.save_pretrained(shared)
+    for name in KNN_FILES:
+        (shared / name).unlink()  # a missing HNSW index is rebuilt in memory only
+    from dmin_diffusers.store import record_files
+
+    record_files(shared, list(KNN_FILES))
+    (shared / ".dmin.lock").unlink()
+
+    def snapshot():
+        return {p.relative_to(shared).as_posix(): (p.stat().st_mtime_ns, p.read_bytes()) for p in shared.rglob("*")
+                if p.is_file()}
+
+    for path in [*shared.rglob("*"), shared]:
+        path.chmod(path.stat().st_mode & ~0o222)
+    try:
+        before = snapshot()
+        use_on_the_default_path(sd_pipeline(), dataset, shared)
+        assert snapshot() == before and not (shared / ".dmin.lock").exists()
+    finally:
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(path.stat().st_mode | 0o200)
+
+
+def test_files_are_written_with_the_users_umask(built, tmp_path):
+    _, _, source = built
+    previous = os.umask(0o022)
+    try:
+        dm.AttributionIndex.from_pretrained(source).save_pretrained(tmp_path / "copy")
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "copy").rglob("*")}
+    assert all(mode & 0o044 == 0o044 for mode in modes.values()), modes  # others can read a shared copy

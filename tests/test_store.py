@@ -16,7 +16,7 @@ from dmin_diffusers.store import (
 
 
 def test_two_writers_merge_and_rows_come_back_in_the_asked_order(tmp_path):
-    rows = {row: torch.full((6,), float(row)) for row in range(7)}
+    rows = {row: torch.full((6,), row + 0.5) for row in range(7)}
     first = VectorStoreWriter(tmp_path, 6, "float32", shard_size=2, name="part-000-of-002")
     second = VectorStoreWriter(tmp_path, 6, "float32", shard_size=2, name="part-001-of-002")
     for row in (4, 5, 6):
@@ -29,7 +29,7 @@ def test_two_writers_merge_and_rows_come_back_in_the_asked_order(tmp_path):
     store = VectorStore(tmp_path)
     assert store.num_rows == 7
     wanted = [6, 0, 3, 5, 1]
-    assert store.get_rows(wanted)[:, 0].tolist() == [float(row) for row in wanted]
+    assert store.get_rows(wanted)[:, 0].tolist() == [row + 0.5 for row in wanted]
     streamed = torch.cat([ids for ids, _ in store.iter_chunks(chunk_rows=1)])
     assert streamed.tolist() == list(range(7))  # shards ordered by their first row
     with pytest.raises(KeyError, match="row 9"):
@@ -39,11 +39,11 @@ def test_two_writers_merge_and_rows_come_back_in_the_asked_order(tmp_path):
 
 def test_a_store_of_another_row_size_is_refused(tmp_path):
     writer = VectorStoreWriter(tmp_path, 6, "float32", shard_size=1)
-    writer.add(0, torch.zeros(6))
+    writer.add(0, torch.ones(6))
     with pytest.raises(ValueError, match="holds rows of 6 float32 values, not 8 float32"):
         VectorStoreWriter(tmp_path, 8, "float32")
     with pytest.raises(ValueError, match="has 5 values, expected 6"):
-        writer.add(1, torch.zeros(5))
+        writer.add(1, torch.ones(5))
 
 
 def flip(path, offset):
@@ -53,10 +53,10 @@ def flip(path, offset):
 
 
 def one_shard(directory, rows: int, dtype: str) -> dict:
-    """A merged store of ``rows`` rows of 4 values (row r holds r) in one shard; returns the manifest."""
+    """A merged store of ``rows`` rows of 4 values (row r holds r + 1) in one shard; returns the manifest."""
     writer = VectorStoreWriter(directory, 4, dtype, shard_size=4)
     for row in range(rows):
-        writer.add(row, torch.full((4,), float(row)))
+        writer.add(row, torch.full((4,), row + 1.0))
     writer.flush()
     return merge_manifests(directory)
 
@@ -69,8 +69,8 @@ def test_every_read_row_is_checked_against_its_digest(tmp_path):
     # the last bytes of the file are row 3's values (safetensors lays tensors out by dtype size, vectors last)
     flip(path, path.stat().st_size - 1)
     store = VectorStore(tmp_path)
-    assert store.get_rows([0, 1])[:, 0].tolist() == [0.0, 1.0]  # only the rows read are checked
-    message = "row 3 in vectors/part-0-00000.safetensors does not match its checksum"
+    assert store.get_rows([0, 1])[:, 0].tolist() == [1.0, 2.0]  # only the rows read are checked
+    message = rf"row 3 in {manifest['shards'][0]['file']} does not match its checksum"
     with pytest.raises(IndexIntegrityError, match=message):
         store.get_rows([3])
     with pytest.raises(IndexIntegrityError, match="row 3 .* does not match its checksum"):
@@ -88,7 +88,7 @@ def test_a_shard_without_row_digests_is_checked_whole(tmp_path):
     save_file(old, path)
     shard.update(sha256=file_sha256(path), bytes=path.stat().st_size)
     write_manifest(tmp_path, manifest)
-    assert VectorStore(tmp_path).get_rows([2])[0, 0] == 2.0
+    assert VectorStore(tmp_path).get_rows([2])[0, 0] == 3.0
     flip(path, path.stat().st_size - 1)
     with pytest.raises(IndexIntegrityError, match="does not match its checksum in manifest.json"):
         VectorStore(tmp_path).get_rows([0])

@@ -220,7 +220,9 @@ def test_save_pretrained_round_trip_offline(variant, tmp_path):
     assert type(loaded.scheduler) is type(pipe.scheduler)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
     assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
-    np.testing.assert_array_equal(_generate(loaded, kind), images)
+    # another model instance: PyTorch promises equal floats only within one instance (AMD and Intel CPUs differ by
+    # about 1e-6 here); a real change of the weights or the scheduler moves pixels by far more
+    np.testing.assert_allclose(_generate(loaded, kind), images, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", TEXT_KINDS)
@@ -236,7 +238,7 @@ def test_lora_weights_save_and_load(kind, tmp_path):
     type(pipe).save_lora_weights(tmp_path, **{f"{denoiser_name}_lora_layers": layers})
     fresh = tiny_pipeline(kind)
     fresh.load_lora_weights(tmp_path)
-    np.testing.assert_array_equal(_generate(fresh, kind), images)
+    np.testing.assert_allclose(_generate(fresh, kind), images, rtol=0, atol=1e-5)  # another instance: see above
 
 
 def test_kind_aliases_and_default_classes():

@@ -83,7 +83,8 @@ class PipelineFamily:
 
     def prepare(self, image: ImageInput, prompt: str | None, config: DMinConfig) -> PreparedExample:
         """One (image, prompt) pair as model inputs, preprocessed as the training scripts do."""
-        pixels, geometry = preprocess_with_geometry(image, config.resolution, self.image_channels, config.center_crop)
+        pixels, geometry = preprocess_with_geometry(image, config.resolution, self.image_channels, config.center_crop,
+                                                    config.image_interpolation_mode)
         conditioning = self.encode_prompt(prompt, geometry, config) if self.takes_prompt else {}
         return PreparedExample(latents=self.encode_image(pixels), conditioning=conditioning)
 
