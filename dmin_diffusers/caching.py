@@ -151,7 +151,8 @@ def cache_dataset(
             prepare_index_directory(output_dir, config, dataset_info)
         sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
         writer = VectorStoreWriter(output_dir, config.row_dim, config.storage_dtype, config.shard_size,
-                                   name=f"part-{rank:03d}-of-{world:03d}")
+                                   name=f"part-{rank:03d}-of-{world:03d}", block_size=config.projection_dim)
+        _wait(accelerator)  # every process has read the finished rows before any writes more: all split them alike
         remaining = [row for row in range(len(dataset)) if row not in writer.done]
         share = -(-len(remaining) // world)
         mine = remaining[rank * share : (rank + 1) * share]

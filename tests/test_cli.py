@@ -376,22 +376,17 @@ def test_the_installed_command_exits_with_2_and_one_line(small_index, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("dmin push: error: "), process.stderr
 
 
-def test_unexpected_errors_are_one_line_with_their_type(capsys, monkeypatch):
+@pytest.mark.parametrize("error, line", [
+    (KeyError("files"), "dmin push: error: KeyError: 'files'"),  # unexpected: with its type
+    (ValueError("first line\n  second line\n"), "dmin push: error: first line second line"),  # folded
+])
+def test_every_error_is_one_line(error, line, capsys, monkeypatch):
     def boom(args):
-        raise KeyError("files")
+        raise error
 
     monkeypatch.setattr(cli, "run_push", boom)
     assert main(["push", "--index", "x", "--repo_id", "user/x"]) == 2
-    assert one_error_line(capsys, "push") == "dmin push: error: KeyError: 'files'"
-
-
-def test_multi_line_messages_become_one_line(capsys, monkeypatch):
-    def boom(args):
-        raise ValueError("first line\n  second line\n")
-
-    monkeypatch.setattr(cli, "run_push", boom)
-    assert main(["push", "--index", "x", "--repo_id", "user/x"]) == 2
-    assert one_error_line(capsys, "push") == "dmin push: error: first line second line"
+    assert one_error_line(capsys, "push") == line
 
 
 # ------------------------------------------------------------------------------------------ attribute, app

@@ -1,6 +1,7 @@
 """An index never returns a wrong ranking without an error: damaged files, edited configs, other input models,
 another dataset, and concurrent writers are all refused with a message that names the problem."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -160,26 +161,36 @@ def test_save_pretrained_never_clobbers_another_index(built, tmp_path):
     index.save_pretrained(tmp_path / "other")  # saving the same index again is allowed
 
 
-def test_a_held_lock_refuses_a_second_writer(built, tmp_path):
-    pipe, dataset, directory = built
-    index = dm.AttributionIndex.from_pretrained(directory)
+@contextlib.contextmanager
+def lock_held_by_another_process(directory, leftover=None):
+    """Another process holds ``directory``'s write lock (having written ``leftover`` there, if given)."""
+    write = f"(Path({str(directory)!r}) / {leftover!r}).write_text('{{}}')" if leftover else "pass"
     script = textwrap.dedent(f"""
+        from pathlib import Path
         import time
         from dmin_diffusers.locks import index_write_lock
-        with index_write_lock({str(tmp_path / 'busy')!r}):
+        with index_write_lock({str(directory)!r}):
+            {write}
             print("locked", flush=True)
             time.sleep(60)
     """)
     holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_held_lock_refuses_a_second_writer(built, tmp_path):
+    pipe, dataset, directory = built
+    index = dm.AttributionIndex.from_pretrained(directory)
+    with lock_held_by_another_process(tmp_path / "busy"):
         with pytest.raises(IndexBusyError, match="another process is writing"):
             index.save_pretrained(tmp_path / "busy")
         with pytest.raises(IndexBusyError, match="another process is writing"):
             pipe.build_attribution_index(dataset, tmp_path / "busy", config=config(), progress=False)
-    finally:
-        holder.kill()
-        holder.wait()
     with index_write_lock(tmp_path / "busy"):  # free again once the holder is gone
         pass
 
@@ -258,27 +269,13 @@ def test_a_writer_holding_the_lock_is_reported_busy_before_its_files_are_judged(
 
     pipe, dataset, _ = built
     busy = tmp_path / "busy"
-    script = textwrap.dedent(f"""
-        from pathlib import Path
-        import time
-        from dmin_diffusers.locks import index_write_lock
-        with index_write_lock({str(busy)!r}):
-            (Path({str(busy)!r}) / "dataset.json").write_text("{{}}")
-            print("locked", flush=True)
-            time.sleep(60)
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(busy, leftover="dataset.json"):
         with pytest.raises(IndexBusyError, match="another process is writing"):
             check_not_foreign(busy)
         with pytest.raises(IndexBusyError, match="another process is writing"):
             prepare_index_directory(busy, config(), {"num_rows": NUM_ROWS})
         with pytest.raises(IndexBusyError, match="another process is writing"):
             pipe.build_attribution_index(dataset, busy, config=config(), progress=False)
-    finally:
-        holder.kill()
-        holder.wait()
     with pytest.raises(ValueError, match="is not empty and is not an attribution index"):
         check_not_foreign(busy)  # the holder is gone: now its leftovers are judged
 
