@@ -22,6 +22,9 @@ import weakref
 from typing import Any
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from .fingerprints import _SAMPLES
 
 NamedParameters = list[tuple[str, torch.nn.Parameter]]
 
@@ -30,7 +33,6 @@ class ModelMismatchError(ValueError):
     """The pipeline is not (or is no longer) the model its attribution index was built on: its tracked
     parameters, adapters, denoiser, input models or objective differ from those the index recorded."""
 
-_SAMPLES = 16  # values sampled per tensor
 _LOCKS: "weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
 _LOCKS_GUARD = threading.Lock()
 
@@ -46,10 +48,6 @@ def model_lock(denoiser: torch.nn.Module) -> threading.RLock:
 
 
 def _adapter_layers(denoiser: torch.nn.Module) -> list[tuple[str, Any]]:
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # pragma: no cover - peft is a dependency; without it there are no adapters
-        return []
     return [(name, module) for name, module in denoiser.named_modules() if isinstance(module, BaseTunerLayer)]
 
 
@@ -100,7 +98,7 @@ def pipeline_state(pipeline: Any, denoiser: torch.nn.Module, tracked: NamedParam
     described += [[name, id(component), len(component)] for name, component in sorted(components.items())
                   if name.startswith("tokenizer") and component is not None and hasattr(component, "__len__")]
     described += [[name, id(parameter), parameter._version] for name, parameter in tracked]
-    samples = [_sample(parameter) for _, parameter in tracked]
+    samples = []  # the tracked parameters are the denoiser's: sampled with it below
     for name, model in models:
         factors = [getattr(getattr(model, "config", None), key, None) for key in ("scaling_factor", "shift_factor")]
         described.append([name, id(model), factors])
