@@ -39,14 +39,15 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
 import dmin_diffusers as dm
-from dmin_diffusers.config import PAPER_RECIPE
+from dmin_diffusers.config import PAPER_RECIPE, SCORING_FIELDS
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.sketch import fold_sketch
 
 from common import RESULTS_DIR, add_common_arguments, markdown_table, setup_threads
 from quality_report import write_quality_report
-from quality_scores import Scores, fidelity_table, gradient_scores, method_top_rows, select_queries
+from quality_scores import (Scores, fidelity_table, gradient_scores, method_top_rows, preconditioned_methods,
+                            select_queries)
 from quality_setups import BUILDERS, QUERY_SETS, Setup, Sizes, train_digits
 
 TOP_KS = (5, 10, 50, 100)
@@ -97,8 +98,9 @@ def recipe_fields(name: str) -> dict:
 def default_recipe_name() -> str:
     """The recipe of ``RECIPES`` that ``DMinConfig()`` uses."""
     defaults = dm.DMinConfig()
-    for name in RECIPES:
-        if all(getattr(defaults, key) == value for key, value in recipe_fields(name).items()):
+    for name in RECIPES:  # the preconditioning is scored on every recipe's rows (quality_scores.PRECONDITIONED)
+        if all(getattr(defaults, key) == value for key, value in recipe_fields(name).items()
+               if key not in SCORING_FIELDS):
             return name
     raise ValueError("DMinConfig's default recipe is not in RECIPES")
 
@@ -194,6 +196,7 @@ def measure(setup: Setup, run: Run) -> tuple[dict, dict]:
             else:
                 scores = sketched_scores(sketcher, setup.rows, queries, run.dims)
             seconds = time.perf_counter() - began
+            scores.methods.update(preconditioned_methods(scores))
             top = method_top_rows(scores, run.hnsw_dims, top_k)
             per_seed[seed] = {"seconds_per_row": None if full else seconds / (len(setup.rows) + len(queries)),
                               "rates": rates_by_group(setup, top, offsets)}

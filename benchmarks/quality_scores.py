@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample
+from dmin_diffusers.preconditioner import Preconditioner
 from dmin_diffusers.search import KnnIndex
 from dmin_diffusers.sketch import SketchProjector, fold_sketch
 
@@ -32,6 +33,20 @@ class Scores:
     row_gram: torch.Tensor
     same_coordinate: torch.Tensor  # (queries, rows): sum_d (sum_t q_td r_td)^2, a coordinate colliding with itself
     seed_scores: dict[int, torch.Tensor]  # K -> (keys, queries, rows) DMin exact scores; key 0 is the package's
+
+
+#: the preconditionings scored beside DMin's plain inner product (fitted on the stored rows, as an index does)
+PRECONDITIONED = ("centered", "kernel", "centered-kernel")
+PRECONDITIONING_DAMPING = 0.01
+
+
+def preconditioned_methods(scores: Scores) -> dict[str, torch.Tensor]:
+    """DMin exact at the largest K under each of ``PRECONDITIONED``: the package's preconditioner fitted on the
+    float16 row sketches (what an index stores), applied to the queries."""
+    rows = scores.row_sketches.float()
+    name = f"DMin exact, K=2^{rows.shape[-1].bit_length() - 1}"
+    return {f"{name}, {method}": Preconditioner.fit(rows, method, PRECONDITIONING_DAMPING).scores(
+        scores.query_sketches, rows) for method in PRECONDITIONED}
 
 
 def sketch_rows(projector: SketchProjector, normalised: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from dmin_diffusers.training_data import INDEX_SUBFOLDER, dataset_reference, loa
 logger = logging.getLogger(__name__)
 #: DMinConfig fields a training script can set as ``args.dmin_<field>``
 RECIPE_ARGUMENTS = ("num_timesteps", "projection_dim", "seed", "output_function", "timestep_spacing", "noise",
-                    "noise_draws")
+                    "noise_draws", "preconditioning", "preconditioning_damping")
 
 
 class GradientCacheCallback:

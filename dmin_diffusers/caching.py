@@ -189,7 +189,8 @@ def cache_dataset(
         if is_main:
             merge_manifests(output_dir)
             index = AttributionIndex(output_dir)
-            index.build_knn()
+            # the preconditioner and HNSW index, from the rows; a resumed build may ask for another preconditioning
+            index.refit(config.preconditioning, config.preconditioning_damping)
             seconds = time.perf_counter() - start
             megabytes = sum((index.directory / name).stat().st_size for name in index.files()) / 1e6
             logger.info(

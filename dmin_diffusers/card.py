@@ -112,8 +112,19 @@ def describe_recipe(config: DMinConfig) -> str:
         f"The gradient of {output} was taken with respect to the tracked parameters; each timestep's gradient was "
         "L2-normalised and compressed to K values (a keyed permutation, random signs and group sums), giving one "
         "row of T x K values per training row. A query image goes through the same steps, and a row's influence "
-        "on it is the inner product of their rows."
+        f"on it is {PRECONDITIONING_TEXT[config.preconditioning].format(damping=config.preconditioning_damping)}."
     )
+
+
+PRECONDITIONING_TEXT = {
+    "none": "the inner product of their rows",
+    "centered": "the sum over timesteps of the cosine of their rows after removing the rows' mean",
+    "kernel": ("the sum over timesteps of TRAK's kernel product q^T (C + λI)^-1 g, C the stored rows' second-moment "
+               "matrix and λ = {damping:g} x its largest eigenvalue, with the query normalised in that geometry"),
+    "centered-kernel": ("the sum over timesteps of TRAK's kernel product (q - μ)^T (C + λI)^-1 (g - μ), μ the stored "
+                        "rows' mean, C their covariance and λ = {damping:g} x its largest eigenvalue, with the query "
+                        "normalised in that geometry"),
+}
 
 
 @dataclass

@@ -28,7 +28,8 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import (
-    INTERPOLATION_MODES, KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, STORAGE_DTYPES, TIMESTEP_SPACINGS, DMinConfig,
+    INTERPOLATION_MODES, KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, PRECONDITIONINGS, STORAGE_DTYPES,
+    TIMESTEP_SPACINGS, DMinConfig,
 )
 from .gradients import DEFAULT_BATCH_BYTES
 from .index import AttributionIndex
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--knn_dim", type=int, default=None, help="HNSW values per timestep (default 64)")
     cache.add_argument("--knn_projection", default=None, choices=list(KNN_PROJECTIONS),
                        help="how rows become HNSW vectors (default pca)")
+    _add_preconditioning_arguments(cache)
     cache.add_argument("--max_sequence_length", type=int, default=None,
                        help="T5 prompt length (SD3, Flux; default: that of the family's training scripts)")
     cache.add_argument("--guidance_scale", type=float, default=None,
@@ -220,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port to serve the page on (default: $GRADIO_SERVER_PORT, else 7860)")
     app.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
 
+    refit = commands.add_parser(
+        "refit", help="switch an index to another preconditioning, fitted from its stored rows (no gradients)"
+    )
+    refit.add_argument("--index", required=True, help="directory of the attribution index")
+    _add_preconditioning_arguments(refit)
+
     push = commands.add_parser("push", help="upload an attribution index to the Hugging Face Hub")
     push.add_argument("--index", required=True)
     push.add_argument("--repo_id", required=True)
@@ -229,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--repo_type", default="dataset")
     return parser
+
+
+def _add_preconditioning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preconditioning", default=None, choices=list(PRECONDITIONINGS),
+                        help="how rows and queries are compared (DMinConfig.preconditioning)")
+    parser.add_argument("--preconditioning_damping", type=float, default=None,
+                        help="the kernel's damping, a fraction of the largest eigenvalue (DMinConfig)")
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -390,6 +405,7 @@ def run_cache(args: argparse.Namespace) -> None:
         "output_function": args.output_function, "timestep_spacing": args.timestep_spacing, "noise": args.noise,
         "noise_draws": args.noise_draws, "max_sequence_length": args.max_sequence_length,
         "guidance_scale": args.guidance_scale, "image_interpolation_mode": args.image_interpolation_mode,
+        "preconditioning": args.preconditioning, "preconditioning_damping": args.preconditioning_damping,
     }
     settings = {key: value for key, value in settings.items() if value is not None}
     config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(
@@ -445,6 +461,15 @@ def run_app(args: argparse.Namespace) -> None:
     pipeline.load_attribution_index(args.index, dataset=dataset, strict=not args.no_strict)
     demo = build_app(pipeline, top_k=args.top_k, num_inference_steps=args.num_inference_steps)
     demo.launch(**launch_settings(args))
+
+
+def run_refit(args: argparse.Namespace) -> None:
+    index = AttributionIndex(args.index)
+    if index.read_only:
+        raise ValueError(f"{args.index} is read-only: copy it first (AttributionIndex.save_pretrained)")
+    index.refit(args.preconditioning, args.preconditioning_damping)
+    print(f"{args.index}: preconditioning {index.config.preconditioning} "
+          f"(damping {index.config.preconditioning_damping:g}), {index.num_rows} rows")
 
 
 def run_push(args: argparse.Namespace) -> None:
@@ -512,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s")
     logging.getLogger("dmin_diffusers").setLevel(logging.INFO)
     try:
-        {"cache": run_cache, "attribute": run_attribute, "app": run_app, "push": run_push}[args.command](args)
+        {"cache": run_cache, "attribute": run_attribute, "app": run_app, "refit": run_refit, "push": run_push}[args.command](args)
     except KeyboardInterrupt:
         _end_progress_bars()
         print(f"dmin {args.command}: {describe_interrupt(args)}", file=sys.stderr)

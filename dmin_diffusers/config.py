@@ -21,16 +21,19 @@ TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
 NOISE_MODES = ("shared", "per_timestep")
 #: how images are resized: the names of the training scripts' ``--image_interpolation_mode`` (torchvision's modes)
 INTERPOLATION_MODES = ("bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos")
+#: how stored rows and queries are compared (``dmin_diffusers.preconditioner``)
+PRECONDITIONINGS = ("none", "centered", "kernel", "centered-kernel")
 CONFIG_NAME = "dmin_config.json"
-FORMAT_VERSION = 4  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded);
-# 4: image_interpolation_mode (before: always bilinear) and adapter_fingerprint
+FORMAT_VERSION = 5  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded);
+# 4: image_interpolation_mode (before: always bilinear) and adapter_fingerprint; 5: preconditioning (before: none)
 #: how rows become HNSW vectors: "pca", per-timestep principal components (knn_projection.py); "fold", the nested
 #: sketch of size knn_dim
 KNN_PROJECTIONS = ("pca", "fold")
 #: HNSW values per timestep unless knn_dim says otherwise (chosen in benchmarks/knn_recall.py)
 DEFAULT_KNN_DIM = 64
 #: the paper's recipe; also what an index written before these fields existed (format 1) was built with
-PAPER_RECIPE = {"output_function": "loss", "timestep_spacing": "centres", "noise": "shared", "noise_draws": 1}
+PAPER_RECIPE = {"output_function": "loss", "timestep_spacing": "centres", "noise": "shared", "noise_draws": 1,
+                "preconditioning": "none"}
 
 
 #: seeds are 64-bit signed integers (torch's and numpy's generators take them)
@@ -47,6 +50,14 @@ MAX_NOISE_DRAWS = 1024
 MAX_RESOLUTION = 16_384
 MAX_SEQUENCE_LENGTH = 1 << 16
 MAX_SHARD_SIZE = 1 << 20
+
+
+def check_method(method: str, damping: float) -> None:
+    """``ValueError`` unless ``method`` is one of ``PRECONDITIONINGS`` and ``damping`` a finite number in (0, 1e3]."""
+    if method not in PRECONDITIONINGS:
+        raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {method!r}")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1e3:
+        raise ValueError(f"preconditioning_damping must be a number in (0, 1000], got {damping!r}")
 
 
 def default_knn_dim(projection_dim: int) -> int:
@@ -133,6 +144,11 @@ class DMinConfig:
         knn_projection: how a row's ``K`` values per timestep become ``knn_dim``: ``"pca"``, their projection
             on the leading principal components of the stored rows (fitted when the HNSW index is built, saved
             beside it); ``"fold"``, the nested sketch (sums of ``K / knn_dim`` adjacent buckets).
+        preconditioning: how stored rows and queries are compared (:mod:`~dmin_diffusers.preconditioner`):
+            ``"none"`` (DMin's inner product), ``"centered"`` (cosine after removing the rows' mean),
+            ``"kernel"`` (TRAK's ``(ΦᵀΦ/N + λI)⁻¹``) or ``"centered-kernel"``, fitted per timestep from the
+            stored rows after caching; :meth:`AttributionIndex.refit` switches an index without new gradients.
+        preconditioning_damping: the kernel's ``λ`` as a fraction of each timestep's largest eigenvalue.
         hnsw_m, hnsw_ef_construction: HNSW graph parameters, ``2 <= hnsw_m <= 1024`` and
             ``1 <= hnsw_ef_construction <= 100000`` (``HNSW_M_RANGE``, ``HNSW_EF_CONSTRUCTION_RANGE``).
         shard_size: rows per file on disk.
@@ -167,6 +183,8 @@ class DMinConfig:
     storage_dtype: str = "float16"
     knn_dim: int | None = None
     knn_projection: str = "pca"
+    preconditioning: str = "none"
+    preconditioning_damping: float = 0.01
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     shard_size: int = 1024
@@ -206,6 +224,9 @@ class DMinConfig:
             if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
                 raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale!r}")
             self.guidance_scale = float(self.guidance_scale)
+        if isinstance(self.preconditioning_damping, int) and not isinstance(self.preconditioning_damping, bool):
+            self.preconditioning_damping = float(self.preconditioning_damping)
+        check_method(self.preconditioning, self.preconditioning_damping)
         if not isinstance(self.center_crop, (bool, np.bool_)):
             raise ValueError(f"center_crop must be True or False, got {self.center_crop!r}")
         self.center_crop = bool(self.center_crop)
@@ -307,6 +328,8 @@ class DMinConfig:
         if version < 3:  # then, the HNSW vectors were folded, and no knn_dim meant the full K
             knn_dim = values.get("knn_dim") or values.get("projection_dim", cls.projection_dim)
             values = {**values, "knn_projection": "fold", "knn_dim": knn_dim}
+        if version < 5:  # then, rows were compared by their plain inner product
+            values = {**values, "preconditioning": "none"}
         return cls(**values)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -331,7 +354,7 @@ class DMinConfig:
         found = []
         for name, value in mine.items():
             other_value = theirs[name]
-            if name in DESCRIPTIVE_FIELDS or value == other_value:
+            if name in DESCRIPTIVE_FIELDS or name in SCORING_FIELDS or value == other_value:
                 continue
             if name in _FINGERPRINTS and (value is None or other_value is None):
                 continue
@@ -371,6 +394,8 @@ class DMinConfig:
 
 
 DESCRIPTIVE_FIELDS = ("base_model", "adapter", "denoiser_dtype")
+#: how rows are compared, not what they hold: refitted from the stored rows (``AttributionIndex.refit``), never stale
+SCORING_FIELDS = ("preconditioning", "preconditioning_damping")
 _FINGERPRINTS = (
     "parameter_fingerprint", "parameter_digests", "denoiser_fingerprint", "input_models_fingerprint",
     "objective_fingerprint", "adapter_fingerprint",

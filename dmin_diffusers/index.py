@@ -31,10 +31,10 @@ from .hub import (
     resolve_index_location,
     upload_index,
 )
-from .knn_file import check_knn_file
+from .artefacts import ARTEFACT_FILES, ARTEFACTS, Artefact
 from .locks import LOCK_NAME, check_not_busy, index_write_lock, lock_held_elsewhere
-from .knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, sample_row_ids
-from .search import KNN_FILES, KNN_NAME, KnnIndex, approximate_top_k, exact_top_k
+from .preconditioner import Preconditioner
+from .search import KnnIndex, approximate_top_k, exact_top_k
 from .store import (
     MANIFEST_NAME,
     MAX_SMALL_JSON_BYTES,
@@ -57,7 +57,7 @@ from .store import (
 )
 
 logger = logging.getLogger(__name__)
-CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, *KNN_FILES)  # listed under "files" in the manifest
+CHECKSUMMED_FILES = (CONFIG_NAME, DATASET_INFO_NAME, *ARTEFACT_FILES)  # listed under "files" in the manifest
 METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME)  # small: their sha256 is checked every time an index is opened
 STAGING_NAME = ".dmin-staging"  # inside a save_pretrained target: the new index, complete before it replaces the old
 
@@ -116,7 +116,9 @@ class AttributionIndex:
         self.read_only = read_only or not _writable(self.directory)
         self._lock = threading.RLock()  # the lazy store and HNSW index, for threads sharing one index
         self._store: VectorStore | None = None
-        self._knn: KnnIndex | None = None
+        self._fitted: dict[str, Any] = {}  # artefact name -> its loaded or fitted value (artefacts.py)
+        self._unsaved: set[str] = set()  # artefacts fitted in memory and not yet written (a read-only index)
+        self._config_unsaved = False  # a refit changed the config in memory only
         self.manifest, self._files = self._open_files(verify)
         try:
             self.config = DMinConfig.from_dict(self._metadata(CONFIG_NAME))
@@ -131,7 +133,7 @@ class AttributionIndex:
     def _open_files(self, verify: bool) -> tuple[dict | None, PinnedFiles]:
         """The manifest and the index's files, pinned as they are now (see
         :func:`~dmin_diffusers.store.open_snapshot`), after checking them against the manifest."""
-        manifest, files = open_snapshot(self.directory, extra=(*METADATA_FILES, *KNN_FILES))
+        manifest, files = open_snapshot(self.directory, extra=(*METADATA_FILES, *ARTEFACT_FILES))
         if CONFIG_NAME not in files:
             raise FileNotFoundError(f"{self.source} is not an attribution index: {CONFIG_NAME} is missing")
         if manifest is not None:
@@ -141,8 +143,8 @@ class AttributionIndex:
                     raise IndexIntegrityError(
                         f"{unlisted[0]} in {self.source} is not listed in {MANIFEST_NAME}: the index was modified"
                     )
-            verify_files(self.directory, manifest, full=True if verify else METADATA_FILES, optional=KNN_FILES,
-                         files=files)
+            verify_files(self.directory, manifest, full=True if verify else METADATA_FILES,
+                         optional=ARTEFACT_FILES, files=files)
         return manifest, files
 
     def _metadata(self, name: str) -> dict[str, Any]:
@@ -196,11 +198,12 @@ class AttributionIndex:
         )
 
     def files(self) -> list[str]:
-        """The index's files, relative to its directory: metadata, vector shards and, if present, the HNSW files
-        (the per-writer ``vectors/part-*.json`` lists used while building are not part of a finished index)."""
+        """The index's files, relative to its directory: metadata, vector shards and, if present, the fitted
+        artefacts' files (preconditioner, HNSW index; the per-writer ``vectors/part-*.json`` lists used while
+        building are not part of a finished index)."""
         names = [name for name in (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME) if name in self._files]
         names += [shard["file"] for shard in self.store.shards]
-        return names + [name for name in KNN_FILES if self._listed(name)]
+        return names + [name for name in ARTEFACT_FILES if self._listed(name)]
 
     def _listed(self, name: str) -> bool:
         """Whether ``name`` is present and the manifest vouches for it (an HNSW file it does not list is ignored)."""
@@ -271,10 +274,16 @@ class AttributionIndex:
         the manifest written there (listing every file's checksum)."""
         (staging / SHARD_DIR).mkdir(parents=True)
         records = manifest_entries(self.manifest) if self.manifest else {}
+        replaced = {name for artefact in ARTEFACTS if artefact.name in self._unsaved for name in artefact.files}
+        if self._config_unsaved:
+            replaced.add(CONFIG_NAME)
         for name in self.files():
-            _copy_checked(self._files.path(name), staging / name, records.get(name), name, self.source)
-        if not self._listed(KNN_NAME) and self._knn is not None:
-            self._knn.save(staging)
+            if name not in replaced:
+                _copy_checked(self._files.path(name), staging / name, records.get(name), name, self.source)
+        unsaved = [artefact for artefact in ARTEFACTS if artefact.name not in self._unsaved
+                   and artefact.name in self._fitted and not all(map(self._listed, artefact.needed(self.config)))]
+        self._unsaved.update(artefact.name for artefact in unsaved)  # fitted in memory when its files were missing
+        self._write_fitted(staging)
         return record_files(staging, list(CHECKSUMMED_FILES))
 
     def record_checksums(self) -> None:
@@ -321,11 +330,16 @@ class AttributionIndex:
         Returns:
             the :class:`~huggingface_hub.CommitInfo` of the commit that holds the complete index.
         """
+        if self._unsaved or self._config_unsaved:
+            raise ValueError(
+                f"{self.source} was refitted in memory (it is read-only): save_pretrained it to a directory and push "
+                "that copy"
+            )
         if not self.read_only and self._unrecorded():
             self.record_checksums()
         self._check_complete()
         # never publish damage, nor files another process replaced since this index was opened
-        verify_files(self.directory, self.manifest, full=True, optional=KNN_FILES, files=self._files)
+        verify_files(self.directory, self.manifest, full=True, optional=ARTEFACT_FILES, files=self._files)
         replaced = [name for name in self.files() if not self._files.unchanged(name)]
         if replaced:
             raise changed_error(self.source, f"{replaced[0]} was replaced")
@@ -427,75 +441,108 @@ class AttributionIndex:
         return self.config.knn_dim or self.config.projection_dim
 
     @property
+    def preconditioner(self) -> Preconditioner:
+        """How queries and rows are compared (``config.preconditioning``): ``preconditioner.safetensors``, validated
+        and loaded, or fitted from the stored rows when it is missing (saved beside them unless read-only)."""
+        return self._artefact(ARTEFACTS[0])
+
+    @property
     def knn(self) -> KnnIndex:
         """The HNSW index: ``knn.bin`` (and its projection), validated and loaded, or, when a file is missing or
         not listed in the manifest, rebuilt from the rows (and saved beside them unless the index is read-only)."""
-        with self._lock:
-            if self._knn is None:
-                needed = [KNN_NAME] + ([KNN_PROJECTION_NAME] if self.config.knn_projection == "pca" else [])
-                missing = [name for name in needed if not self._listed(name)]
-                if not missing:
-                    self._knn = self._load_knn()
-                else:
-                    logger.warning("%s has no %s listed in its manifest: building the HNSW index from the %d "
-                                   "stored rows", self.source, " or ".join(missing), self.num_rows)
-                    self._build_knn(save=not self.read_only and not lock_held_elsewhere(self.directory))
-            return self._knn
+        return self._artefact(ARTEFACTS[1])
 
-    def _load_knn(self) -> KnnIndex:
-        records = self.manifest["files"]
-        paths = {name: self._files.path(name) for name in KNN_FILES if self._listed(name)}
-        projection = None
+    def _artefact(self, artefact: Artefact) -> Any:
+        with self._lock:
+            if artefact.name not in self._fitted:
+                missing = [name for name in artefact.needed(self.config) if not self._listed(name)]
+                if not missing:
+                    self._fitted[artefact.name] = self._load_artefact(artefact)
+                else:
+                    logger.warning("%s has no %s listed in its manifest: fitting the %s from the %d stored rows",
+                                   self.source, " or ".join(missing), artefact.name, self.num_rows)
+                    self._fit((artefact,), save=not self.read_only and not lock_held_elsewhere(self.directory))
+            return self._fitted[artefact.name]
+
+    def _load_artefact(self, artefact: Artefact) -> Any:
+        records = (self.manifest or {}).get("files") or {}
+        paths = {name: self._files.path(name) for name in artefact.needed(self.config)}
         try:
             for name, path in paths.items():
                 check_file_digest(path, records[name], name, self.source)
-            if self.config.knn_projection == "pca":
-                projection = load_projection(paths[KNN_PROJECTION_NAME], self.config.num_timesteps,
-                                             self.config.projection_dim, self.knn_dim)
-            check_knn_file(paths[KNN_NAME], self.config.num_timesteps * self.knn_dim, self.store.row_ids,
-                           self.config.hnsw_m, self.config.hnsw_ef_construction, name=KNN_NAME)
-            knn = KnnIndex.load(paths[KNN_NAME], self.config.num_timesteps, self.knn_dim, self.num_rows, projection)
+            value = artefact.load(paths, self)
             for name in paths:
                 self._files.check(name)
         except ValueError as error:
             if not self._files.unchanged(MANIFEST_NAME):  # rewritten since the index was opened: not damage
-                raise changed_error(self.source, f"{KNN_NAME} was rebuilt") from None
+                raise changed_error(self.source, f"its {artefact.name} was rebuilt") from None
             raise IndexIntegrityError(
-                f"{error} (in {self.source}; delete {KNN_NAME} and call build_knn() to rebuild the HNSW index)"
+                f"{error} (in {self.source}; delete {' and '.join(paths)} and call refit() to fit the {artefact.name} "
+                "again from the stored rows)"
             ) from None
-        return knn
+        return value
 
     def build_knn(self) -> KnnIndex:
         """(Re)builds the HNSW index from the stored rows: with ``knn_projection="pca"``, the projection is fitted
         first on up to 4,096 rows spread over the index. It is saved as ``knn.bin`` (and
         ``knn_projection.safetensors``) beside them, with checksums in the manifest, unless the index is
         read-only (then it stays in memory; see :meth:`save_pretrained`)."""
-        return self._build_knn(save=not self.read_only)
+        self._fit((ARTEFACTS[1],), save=not self.read_only)
+        return self._fitted[ARTEFACTS[1].name]
 
-    def _build_knn(self, save: bool) -> KnnIndex:
+    def refit(self, preconditioning: str | None = None, preconditioning_damping: float | None = None) -> None:
+        """Switches the index to another preconditioning (:mod:`~dmin_diffusers.preconditioner`): fits it, and the
+        HNSW index in its geometry, from the stored rows, with no gradient computed. The new config and files are
+        written beside the rows (the manifest's checksums updated) unless the index is read-only; then they stay
+        in memory until :meth:`save_pretrained`. ``None`` keeps a setting; with neither given, the current
+        settings are fitted again."""
+        changes = {"preconditioning": preconditioning, "preconditioning_damping": preconditioning_damping}
+        config = self.config.replace(**{key: value for key, value in changes.items() if value is not None})
         with self._lock:
-            projection = None
-            if self.config.knn_projection == "pca":
-                sample = self.store.get_rows(sample_row_ids(self.store.row_ids))
-                sample = sample.reshape(len(sample), self.config.num_timesteps, self.config.projection_dim)
-                projection = fit_projection(sample, self.knn_dim, self.config.seed)
-            knn = KnnIndex.build(
-                self.store, self.config.num_timesteps, self.knn_dim, self.config.hnsw_m,
-                self.config.hnsw_ef_construction, projection=projection,
-            )
-            if save:
-                with index_write_lock(self.directory), disk_full_guard(self.directory, "the stored rows are kept"):
-                    if self._files.unchanged(MANIFEST_NAME):
-                        knn.save(self.directory)
-                        self.record_checksums()
-                    else:  # another index replaced this one's files since it was opened: never mix them
-                        logger.warning("%s was replaced since it was opened: the HNSW index stays in memory",
-                                       self.source)
-            self._knn = knn
-            return knn
+            state = (self.config, dict(self._fitted), set(self._unsaved), self._config_unsaved)
+            self.config = config
+            try:
+                self._fit(ARTEFACTS, save=not self.read_only, config_changed=config != state[0])
+            except BaseException:  # nothing half-fitted stays: the index scores as before
+                self.config, self._fitted, self._unsaved, self._config_unsaved = state
+                raise
+
+    def _fit(self, artefacts: tuple[Artefact, ...], save: bool, config_changed: bool = False) -> None:
+        """Fits ``artefacts`` (in order) from the stored rows and, with ``save``, writes them (and the config, when
+        it changed) beside the rows under the write lock, removing files the config no longer needs."""
+        with self._lock:
+            for artefact in artefacts:
+                self._fitted.pop(artefact.name, None)
+            for artefact in artefacts:
+                self._fitted[artefact.name] = artefact.fit(self)
+                self._unsaved.add(artefact.name)
+            self._config_unsaved |= config_changed
+            if not save:
+                return
+            with index_write_lock(self.directory), disk_full_guard(self.directory, "the stored rows are kept"):
+                if not self._files.unchanged(MANIFEST_NAME):  # another index replaced this one's files: never mix
+                    logger.warning("%s was replaced since it was opened: the fitted %s stays in memory",
+                                   self.source, " and ".join(a.name for a in artefacts))
+                    return
+                self._write_fitted(self.directory)
+                self.record_checksums()
+                self._unsaved.clear()
+                self._config_unsaved = False
+
+    def _write_fitted(self, directory: Path) -> None:
+        """Writes the config (if changed) and the artefacts fitted in memory into ``directory``, and removes the
+        artefact files the config does not need."""
+        if self._config_unsaved:
+            write_json_atomic(directory / CONFIG_NAME, self.config.to_dict())
+        for artefact in ARTEFACTS:
+            if artefact.name in self._unsaved:
+                artefact.save(self._fitted[artefact.name], directory)
+            for name in set(artefact.files) - set(artefact.needed(self.config)):
+                (directory / name).unlink(missing_ok=True)
 
     def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
-        """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector.
+        """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector, in the index's
+        preconditioned geometry (``config.preconditioning``).
 
         ``exact=True`` scores every stored row; otherwise HNSW proposes candidates (more of them when its
         vectors are folded to ``knn_dim < K``) and they are scored exactly on the stored rows.
@@ -511,18 +558,17 @@ class AttributionIndex:
                 "gradient); no ranking can be computed from it"
             )
         if exact:
-            return exact_top_k(self.store, query, top_k)
+            return exact_top_k(self.store, query, top_k, preconditioner=self.preconditioner)
         return approximate_top_k(self.knn, self.store, query, top_k, self.config.projection_dim)
 
-
     def timestep_scores(self, query: torch.Tensor, row_ids: list[int]) -> np.ndarray:
-        """``(len(row_ids), T)``: the stored rows' inner products with a ``(T, K)`` query, timestep by timestep
-        (each row's sum is its score)."""
+        """``(len(row_ids), T)``: the stored rows' scores for a ``(T, K)`` query, timestep by timestep (each row's
+        sum is its score; inner products unless the index is preconditioned)."""
         T, K = self.config.num_timesteps, self.config.projection_dim
         if not row_ids:
             return np.zeros((0, T), dtype=np.float32)
-        rows = self.store.get_rows(list(row_ids)).to(torch.float32).reshape(len(row_ids), T, K)
-        return torch.einsum("rtk,tk->rt", rows, query.reshape(T, K).to(torch.float32)).numpy()
+        rows = self.store.get_rows(list(row_ids)).reshape(len(row_ids), T, K)
+        return self.preconditioner.timestep_scores(query, rows, list(row_ids)).numpy()
 
 
 def _existing_manifest(directory: Path) -> dict | str | None:
@@ -563,7 +609,7 @@ def _copy_checked(source: str, destination: Path, record: dict | None, name: str
 
 def _index_entries(directory: Path) -> tuple[list[Path], list[Path]]:
     """The files of ``directory`` that belong to an index (or its build), and those that do not."""
-    known = {CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, *KNN_FILES, LOCK_NAME, STAGING_NAME, SHARD_DIR}
+    known = {CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME, *ARTEFACT_FILES, LOCK_NAME, STAGING_NAME, SHARD_DIR}
     ours, foreign = [], []
     for path in directory.iterdir() if directory.is_dir() else []:
         if path.name == SHARD_DIR and path.is_dir():
@@ -588,7 +634,7 @@ def _move_into(staging: Path, target: Path, manifest: dict) -> None:
         for name in sorted(listed):
             if (staging / name).exists():
                 os.replace(staging / name, target / name)
-        for name in KNN_FILES:
+        for name in ARTEFACT_FILES:
             if name not in listed:
                 (target / name).unlink(missing_ok=True)
         os.replace(staging / MANIFEST_NAME, target / MANIFEST_NAME)

@@ -19,7 +19,8 @@ class AttributionResult:
 
     Attributes:
         indices: dataset row numbers.
-        scores: DMin influence scores (sums over timesteps of compressed-gradient inner products).
+        scores: DMin influence scores: sums over timesteps of the compressed gradients' inner products, in the
+            geometry of the index's preconditioning (``DMinConfig.preconditioning``).
         image: the query image.
         prompt: the query prompt (``None`` for unconditional models).
         exact: whether every row was scored (``True``) or HNSW proposed the candidates.

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .knn_projection import KNN_PROJECTION_NAME, project, save_projection
+from .preconditioner import Preconditioner
 from .sketch import fold_sketch
 from .store import VectorStore, sync_file
 
@@ -19,21 +20,33 @@ KNN_NAME = "knn.bin"
 KNN_FILES = (KNN_NAME, KNN_PROJECTION_NAME)
 
 
-def exact_top_k(store: VectorStore, query: torch.Tensor, top_k: int, chunk_rows: int = 8192):
-    """Inner products of ``query`` (``row_dim`` values) with every stored row, streamed in chunks.
+def exact_top_k(
+    store: VectorStore, query: torch.Tensor, top_k: int, chunk_rows: int = 8192,
+    preconditioner: Preconditioner | None = None,
+):
+    """Scores of ``query`` (``row_dim`` values) against every stored row, streamed in chunks: inner products, or
+    the ``preconditioner``'s scores.
 
     Returns ``(row_ids, scores)``: the ``min(top_k, rows)`` best rows, highest score first.
     """
-    query = query.reshape(-1).to(torch.float32)
+    score = _scorer(query, preconditioner)
     best_ids = torch.zeros(0, dtype=torch.int64)
     best_scores = torch.zeros(0, dtype=torch.float32)
     for row_ids, vectors in store.iter_chunks(chunk_rows):
-        scores = torch.cat([best_scores, vectors @ query])
+        scores = torch.cat([best_scores, score(row_ids, vectors)])
         ids = torch.cat([best_ids, row_ids])
         keep = torch.topk(scores, min(top_k, len(scores))).indices
         best_ids, best_scores = ids[keep], scores[keep]
     order = _stable_descending(best_scores, best_ids)
     return best_ids[order].tolist(), best_scores[order].tolist()
+
+
+def _scorer(query: torch.Tensor, preconditioner: Preconditioner | None):
+    """``(row_ids, (n, row_dim) rows) -> (n,)`` scores of ``query``."""
+    if preconditioner is None or preconditioner.is_identity:
+        flat = query.reshape(-1).to(torch.float32)
+        return lambda row_ids, vectors: vectors @ flat
+    return preconditioner.row_scorer(query)
 
 
 def _stable_descending(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -47,7 +60,8 @@ def knn_vectors(
     vectors: torch.Tensor, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None
 ) -> np.ndarray:
     """Rows of ``T * K`` values as the HNSW index's ``T * knn_dim`` float32 vectors: projected on ``projection``
-    (:mod:`~dmin_diffusers.knn_projection`) when given, else folded to the nested sketch of size ``knn_dim``."""
+    (:mod:`~dmin_diffusers.knn_projection`) when given, else folded to the nested sketch of size ``knn_dim``
+    (rows already mapped into a preconditioner's geometry, when there is one)."""
     if projection is not None:
         return project(vectors, projection).numpy()
     folded = fold_sketch(vectors.reshape(vectors.shape[0], num_timesteps, -1), knn_dim)
@@ -62,35 +76,55 @@ def search_ef(count: int) -> int:
 
 class KnnIndex:
     """An hnswlib inner-product index over projected or folded rows; labels are dataset row ids. Saved as
-    ``knn.bin`` and, for a projection, ``knn_projection.safetensors`` beside it."""
+    ``knn.bin`` and, for a projection, ``knn_projection.safetensors`` beside it. With a ``preconditioner``, rows
+    and queries are mapped into its geometry first (:meth:`Preconditioner.map_rows`), so the graph ranks by the
+    preconditioned score."""
 
-    def __init__(self, index: hnswlib.Index, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None):
+    def __init__(
+        self, index: hnswlib.Index, num_timesteps: int, knn_dim: int, projection: torch.Tensor | None = None,
+        preconditioner: Preconditioner | None = None,
+    ):
         self.index, self.num_timesteps, self.knn_dim, self.projection = index, num_timesteps, knn_dim, projection
+        self.preconditioner = None if preconditioner is None or preconditioner.is_identity else preconditioner
         self._lock = threading.Lock()  # ``set_ef`` is shared state of the hnswlib index: one query at a time
 
     @classmethod
     def build(
         cls, store: VectorStore, num_timesteps: int, knn_dim: int, m: int = 32, ef_construction: int = 200,
         chunk_rows: int = 8192, projection: torch.Tensor | None = None,
+        preconditioner: Preconditioner | None = None,
     ) -> "KnnIndex":
-        index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
-        index.init_index(max_elements=max(store.num_rows, 1), M=m, ef_construction=ef_construction, random_seed=0)
+        knn = cls(hnswlib.Index(space="ip", dim=num_timesteps * knn_dim), num_timesteps, knn_dim, projection,
+                  preconditioner)
+        knn.index.init_index(max_elements=max(store.num_rows, 1), M=m, ef_construction=ef_construction, random_seed=0)
         for row_ids, vectors in store.iter_chunks(chunk_rows):
             # as many threads as torch uses: hnswlib's default (every core) collapses on a shared machine
-            index.add_items(knn_vectors(vectors, num_timesteps, knn_dim, projection), row_ids.numpy(),
-                            num_threads=torch.get_num_threads())
-        return cls(index, num_timesteps, knn_dim, projection)
+            knn.index.add_items(knn.row_vectors(vectors, row_ids), row_ids.numpy(), num_threads=torch.get_num_threads())
+        return knn
+
+    def mapped(self, vectors: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n, row_dim)`` rows (or, without ``row_ids``, queries) in the preconditioner's geometry, if any."""
+        if self.preconditioner is None:
+            return vectors.to(torch.float32)
+        shaped = vectors.reshape(len(vectors), self.num_timesteps, -1)
+        if row_ids is None:
+            return torch.stack([self.preconditioner.map_query(q) for q in shaped]).reshape(len(vectors), -1)
+        return self.preconditioner.map_rows(shaped, row_ids).reshape(len(vectors), -1)
+
+    def row_vectors(self, vectors: torch.Tensor, row_ids: torch.Tensor) -> np.ndarray:
+        """The HNSW vectors of stored rows."""
+        return knn_vectors(self.mapped(vectors, row_ids), self.num_timesteps, self.knn_dim, self.projection)
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, num_timesteps: int, knn_dim: int, num_rows: int,
-        projection: torch.Tensor | None = None,
+        projection: torch.Tensor | None = None, preconditioner: Preconditioner | None = None,
     ) -> "KnnIndex":
         index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
         index.load_index(str(path), max_elements=max(num_rows, 1))
         if index.get_current_count() != num_rows:
             raise ValueError(f"{path} holds {index.get_current_count()} rows, the store {num_rows}")
-        return cls(index, num_timesteps, knn_dim, projection)
+        return cls(index, num_timesteps, knn_dim, projection, preconditioner)
 
     def save(self, directory: str | os.PathLike) -> None:
         """Writes ``knn.bin`` (and the projection, if any) into ``directory``, each atomically (a temporary file,
@@ -113,7 +147,7 @@ class KnnIndex:
         count = min(count, total)
         if count == 0:
             return []
-        vector = knn_vectors(query.reshape(1, -1).to(torch.float32), self.num_timesteps, self.knn_dim, self.projection)
+        vector = knn_vectors(self.mapped(query.reshape(1, -1)), self.num_timesteps, self.knn_dim, self.projection)
         with self._lock:
             self.index.set_ef(max(ef or 0, search_ef(count)))
             labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
@@ -128,9 +162,11 @@ OVERSAMPLING = 4
 
 def approximate_top_k(knn: KnnIndex, store: VectorStore, query: torch.Tensor, top_k: int, projection_dim: int):
     """HNSW proposes candidates (``OVERSAMPLING`` times ``top_k`` when its vectors are smaller than the rows),
-    which are scored exactly on the stored rows. Returns ``(row_ids, scores)`` as :func:`exact_top_k`."""
+    which are scored exactly on the stored rows (in the HNSW index's preconditioned geometry, if any). Returns
+    ``(row_ids, scores)`` as :func:`exact_top_k`."""
     oversampling = 1 if knn.knn_dim == projection_dim and knn.projection is None else OVERSAMPLING
     candidates = knn.candidates(query, top_k * oversampling)
-    scores = store.get_rows(candidates) @ query
+    scores = _scorer(query, knn.preconditioner)(torch.as_tensor(candidates, dtype=torch.int64),
+                                                store.get_rows(candidates))
     order = torch.argsort(scores, descending=True, stable=True)[:top_k]
     return [candidates[i] for i in order.tolist()], scores[order].tolist()

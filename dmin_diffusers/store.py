@@ -175,11 +175,13 @@ def write_json_atomic(path: str | os.PathLike, payload: dict) -> None:
         raise
 
 
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+def save_tensors_atomic(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None
+) -> None:
     """:func:`safetensors.torch.save_file` to a temporary name, synced, then renamed over ``path``."""
     temporary = f"{path}{TEMPORARY_SUFFIX}"
     try:
-        save_file(tensors, temporary)
+        save_file(tensors, temporary, metadata=metadata)
         sync_file(temporary)
         os.replace(temporary, path)
     except BaseException:

@@ -82,6 +82,19 @@ def test_training_rows_retrieve_themselves_first(built):
         np.testing.assert_allclose(approximate.scores[0], exact.scores[0], rtol=1e-5)
 
 
+def test_training_rows_retrieve_themselves_under_every_preconditioning(built, tmp_path):
+    """Each preconditioning, fitted from the same stored rows (exact search and HNSW)."""
+    case, pipe, dataset, index = built
+    vectors = [pipe.attribution_vector(dataset[row]["image"], prompt_of(case, dataset, row)) for row in range(NUM_ROWS)]
+    index.save_pretrained(tmp_path / "copy")
+    copy = dm.AttributionIndex(tmp_path / "copy")
+    for method in ("centered", "kernel", "centered-kernel"):
+        copy.refit(method)
+        for row, vector in enumerate(vectors):
+            assert copy.search(vector, top_k=2, exact=True)[0][0] == row, (case, method, row)
+            assert copy.search(vector, top_k=2)[0][0] == row, (case, method, row)
+
+
 def test_config_records_what_the_vectors_depend_on(built):
     case, pipe, _, index = built
     kind, config = kind_of(case), index.config
