@@ -183,7 +183,7 @@ class DMinConfig:
     storage_dtype: str = "float16"
     knn_dim: int | None = None
     knn_projection: str = "pca"
-    preconditioning: str = "none"
+    preconditioning: str = "centered-kernel"
     preconditioning_damping: float = 0.01
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200

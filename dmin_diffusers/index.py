@@ -54,6 +54,7 @@ from .store import (
     record_files,
     verify_files,
     write_json_atomic,
+    write_manifest,
 )
 
 logger = logging.getLogger(__name__)
@@ -524,21 +525,49 @@ class AttributionIndex:
                     logger.warning("%s was replaced since it was opened: the fitted %s stays in memory",
                                    self.source, " and ".join(a.name for a in artefacts))
                     return
-                self._write_fitted(self.directory)
-                self.record_checksums()
-                self._unsaved.clear()
-                self._config_unsaved = False
+                self._save_fitted()
 
-    def _write_fitted(self, directory: Path) -> None:
-        """Writes the config (if changed) and the artefacts fitted in memory into ``directory``, and removes the
-        artefact files the config does not need."""
+    def _save_fitted(self) -> None:
+        """Writes what was fitted in memory beside the rows as :meth:`save_pretrained` replaces an index: staged
+        with a new manifest, then renamed in, the manifest last (readers opening meanwhile wait; those that opened
+        the old files keep them). The caller holds the write lock."""
+        listed = (self.manifest or {}).get("files") or {}
+        if any(name in self._files and name not in listed for name in METADATA_FILES):
+            self.record_checksums()  # a build just finished: its config and dataset reference are listed first
+        staging = self.directory / STAGING_NAME
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            (staging / SHARD_DIR).mkdir(parents=True)
+            write_manifest(staging, self.manifest)
+            manifest = record_files(staging, self._write_fitted(staging))
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        try:
+            _move_into(staging, self.directory, manifest)
+        except BaseException:
+            _move_into(staging, self.directory, manifest)  # renames only: finish, so the index is never half old
+            raise
+        self.manifest, self._files = self._open_files(verify=False)
+        self._store = None  # opened again on the files just pinned
+        self._unsaved.clear()
+        self._config_unsaved = False
+
+    def _write_fitted(self, directory: Path) -> list[str]:
+        """Writes the config (if changed) and the artefacts fitted in memory into ``directory``, removes the
+        artefact files the config does not need, and returns the names of the files written or removed."""
+        changed = []
         if self._config_unsaved:
             write_json_atomic(directory / CONFIG_NAME, self.config.to_dict())
+            changed.append(CONFIG_NAME)
         for artefact in ARTEFACTS:
             if artefact.name in self._unsaved:
                 artefact.save(self._fitted[artefact.name], directory)
+                changed += artefact.needed(self.config)
             for name in set(artefact.files) - set(artefact.needed(self.config)):
                 (directory / name).unlink(missing_ok=True)
+                changed.append(name)
+        return changed
 
     def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
         """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector, in the index's

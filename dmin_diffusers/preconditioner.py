@@ -171,47 +171,56 @@ class Preconditioner:
     # applying
     # --------------------------------------------------------------------------------------------------------
 
-    def _whiten(self, vectors: torch.Tensor, power: float) -> torch.Tensor:
-        """``W^power`` applied per timestep to ``(n, T, K)`` vectors (``power`` 1: ``W``; 2: ``W²``, the kernel)."""
+    def _whiten(self, vectors: torch.Tensor, powers: tuple[float, ...] = (1.0,)) -> list[torch.Tensor]:
+        """``W^p`` applied per timestep to ``(n, T, K)`` vectors for each ``p`` of ``powers`` (1: ``W``; 2: ``W²``,
+        the kernel). The basis is read twice whatever the number of powers: queries are memory-bound on it."""
         if not uses_kernel(self.method):
-            return vectors
-        coefficients = torch.einsum("ntk,tkr->ntr", vectors, self.basis)
-        residual = self.residual_gain[None, :, None] ** power
-        kept = (self.gain[None] ** power - residual) * coefficients
-        return residual * vectors + torch.einsum("ntr,tkr->ntk", kept, self.basis)
+            return [vectors for _ in powers]
+        by_timestep = vectors.transpose(0, 1)  # (T, n, K): batched matrix products, no copy of the basis
+        coefficients = torch.bmm(by_timestep, self.basis)  # (T, n, r)
+        residuals = [self.residual_gain[:, None, None] ** power for power in powers]
+        kept = torch.cat([(self.gain[:, None, :] ** power - residual) * coefficients
+                          for power, residual in zip(powers, residuals)], dim=1)
+        back = torch.bmm(self.basis, kept.transpose(1, 2)).transpose(1, 2).split(len(vectors), dim=1)  # reads V once
+        return [(residual * by_timestep + part).transpose(0, 1) for residual, part in zip(residuals, back)]
 
     def map_rows(self, vectors: torch.Tensor, row_ids: torch.Tensor | None = None, scaled: bool = True) -> torch.Tensor:
         """``(n, T, K)`` rows in the preconditioned geometry: ``W (g - μ)``, times the row's scale when the method
         normalises rows (``row_ids`` then names them)."""
-        mapped = self._whiten(vectors.to(torch.float32) - self.mean[None], 1.0)
+        (mapped,) = self._whiten(vectors.to(torch.float32) - self.mean[None])
         if scaled and self.normalize_rows:
             mapped = mapped * self.scales(row_ids)[:, :, None]
         return mapped
 
-    def map_query(self, query: torch.Tensor) -> torch.Tensor:
-        """A ``(T, K)`` query in the preconditioned geometry, ``W u / ‖W u‖`` per timestep (``u = q - μ``); its inner
-        product with :meth:`map_rows` of a row is the row's score at each timestep. ``"none"`` leaves it as is."""
+    def query_geometry(self, query: torch.Tensor) -> "QueryGeometry":
+        """Everything a ``(T, K)`` query needs, computed once: its HNSW vector ``W u / ‖W u‖`` (``u = q - μ``; its
+        inner product with :meth:`map_rows` of a row is the row's score), and for exact scoring ``v = W² u / ‖W u‖``
+        and ``offset_t = v_t · μ_t``, such that a stored row ``g`` scores ``(v_t · g_t - offset_t) · scale_t(g)`` at
+        timestep ``t``. ``"none"`` leaves the query as it is."""
         query = query.reshape(self.num_timesteps, self.dim).to(torch.float32)
         if self.is_identity:
-            return query
-        mapped = self._whiten((query - self.mean)[None], 1.0)[0]
-        return mapped / _safe_norm(mapped)
+            return QueryGeometry(query, query, torch.zeros(self.num_timesteps))
+        whitened, kernel = (mapped[0] for mapped in self._whiten((query - self.mean)[None], (1.0, 2.0)))
+        norm = _safe_norm(whitened)
+        vector = kernel / norm
+        return QueryGeometry(whitened / norm, vector, (vector * self.mean).sum(dim=1))
+
+    def map_query(self, query: torch.Tensor) -> torch.Tensor:
+        """The query's HNSW vector (:meth:`query_geometry`)."""
+        return self.query_geometry(query).mapped
 
     def prepare_query(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What exact search needs: ``(v, offset)``, ``(T, K)`` and ``(T,)``, such that a stored row ``g`` scores
-        ``(v_t · g_t - offset_t) · scale_t(g)`` at timestep ``t`` (``v = W² u / ‖W u‖``, ``offset_t = v_t · μ_t``)."""
-        query = query.reshape(self.num_timesteps, self.dim).to(torch.float32)
-        if self.is_identity:
-            return query, torch.zeros(self.num_timesteps)
-        centred = (query - self.mean)[None]
-        norm = _safe_norm(self._whiten(centred, 1.0)[0])
-        vector = self._whiten(centred, 2.0)[0] / norm
-        return vector, (vector * self.mean).sum(dim=1)
+        """``(v, offset)`` of :meth:`query_geometry`: what exact scoring needs."""
+        geometry = self.query_geometry(query)
+        return geometry.vector, geometry.offset
 
-    def row_scorer(self, query: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        """A function of ``(row_ids, (n, T * K) rows)`` giving the rows' ``(n,)`` scores for ``query`` (the query
-        side is prepared once; without row scales a score is one inner product per row, as ``"none"``)."""
-        vector, offset = self.prepare_query(query)
+    def row_scorer(
+        self, query: "torch.Tensor | QueryGeometry"
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function of ``(row_ids, (n, T * K) rows)`` giving the rows' ``(n,)`` scores for ``query`` (a ``(T, K)``
+        query or its :meth:`query_geometry`; without row scales a score is one inner product per row)."""
+        geometry = query if isinstance(query, QueryGeometry) else self.query_geometry(query)
+        vector, offset = geometry.vector, geometry.offset
         if not self.normalize_rows:
             flat, constant = vector.reshape(-1), float(offset.sum())
             return lambda row_ids, rows: rows.to(torch.float32) @ flat - constant
@@ -281,6 +290,15 @@ class Preconditioner:
         fitted = cls(method, float(damping), **tensors, rows_digest=rows_digest, normalize_rows=normalises_rows(method))
         _check_shapes(fitted, name, num_timesteps, dim, row_ids)
         return fitted
+
+
+@dataclass(frozen=True)
+class QueryGeometry:
+    """A query prepared by :meth:`Preconditioner.query_geometry`."""
+
+    mapped: torch.Tensor  # (T, K): the HNSW vector
+    vector: torch.Tensor  # (T, K): what stored rows are multiplied with
+    offset: torch.Tensor  # (T,): subtracted from each timestep's product
 
 
 def rows_digest(shards: list[dict]) -> str:

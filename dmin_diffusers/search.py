@@ -141,13 +141,17 @@ class KnnIndex:
             temporary.unlink(missing_ok=True)
             raise
 
-    def candidates(self, query: torch.Tensor, count: int, ef: int | None = None) -> list[int]:
-        """Row ids of the ``count`` approximate nearest rows by inner product."""
+    def candidates(
+        self, query: torch.Tensor, count: int, ef: int | None = None, mapped: torch.Tensor | None = None
+    ) -> list[int]:
+        """Row ids of the ``count`` approximate nearest rows by inner product (``mapped``: the query already in the
+        preconditioner's geometry, from :meth:`Preconditioner.query_geometry`)."""
         total = self.index.get_current_count()
         count = min(count, total)
         if count == 0:
             return []
-        vector = knn_vectors(self.mapped(query.reshape(1, -1)), self.num_timesteps, self.knn_dim, self.projection)
+        mapped = self.mapped(query.reshape(1, -1)) if mapped is None else mapped.reshape(1, -1)
+        vector = knn_vectors(mapped, self.num_timesteps, self.knn_dim, self.projection)
         with self._lock:
             self.index.set_ef(max(ef or 0, search_ef(count)))
             labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
@@ -165,8 +169,12 @@ def approximate_top_k(knn: KnnIndex, store: VectorStore, query: torch.Tensor, to
     which are scored exactly on the stored rows (in the HNSW index's preconditioned geometry, if any). Returns
     ``(row_ids, scores)`` as :func:`exact_top_k`."""
     oversampling = 1 if knn.knn_dim == projection_dim and knn.projection is None else OVERSAMPLING
-    candidates = knn.candidates(query, top_k * oversampling)
-    scores = _scorer(query, knn.preconditioner)(torch.as_tensor(candidates, dtype=torch.int64),
-                                                store.get_rows(candidates))
+    if knn.preconditioner is None:
+        candidates, score = knn.candidates(query, top_k * oversampling), _scorer(query, None)
+    else:  # the query's geometry once, for the graph and the re-ranking
+        geometry = knn.preconditioner.query_geometry(query)
+        candidates = knn.candidates(query, top_k * oversampling, mapped=geometry.mapped)
+        score = knn.preconditioner.row_scorer(geometry)
+    scores = score(torch.as_tensor(candidates, dtype=torch.int64), store.get_rows(candidates))
     order = torch.argsort(scores, descending=True, stable=True)[:top_k]
     return [candidates[i] for i in order.tolist()], scores[order].tolist()

@@ -126,3 +126,65 @@ def test_threads_sharing_one_index_get_the_sequential_results(two_indices):
     for thread in threads:
         thread.join()
     assert not errors and len(results) == 20 and all(result == expected for result in results)
+
+
+REFITTER = textwrap.dedent("""
+    import os
+    import sys
+    from pathlib import Path
+    import time
+    import dmin_diffusers as dm
+    from dmin_diffusers.artefacts import KnnArtefact
+    save = KnnArtefact.save
+    def slow_save(self, value, directory):  # widens the time between the first file written and the manifest
+        save(self, value, directory)
+        time.sleep(0.2)
+    KnnArtefact.save = slow_save
+    target, count = Path(sys.argv[1]), Path(sys.argv[2])
+    index = dm.AttributionIndex(target)
+    refits = 0
+    while not (target.parent / "stop").exists():
+        index.refit(("centered-kernel", "none")[refits % 2])
+        index = dm.AttributionIndex(target)  # the files it wrote are the ones the next refit replaces
+        refits += 1
+        count.with_suffix(".new").write_text(str(refits))
+        os.replace(count.with_suffix(".new"), count)
+""")
+
+
+def test_readers_during_a_refit_get_one_geometry_or_the_other(two_indices, tmp_path):
+    """A refit replaces the config and the fitted files as save_pretrained does: a reader opening meanwhile gets
+    the old preconditioning's rankings or the new one's, never a false damage report."""
+    a, _ = two_indices
+    expected = {}
+    for method in ("none", "centered-kernel"):
+        a.save_pretrained(tmp_path / method)
+        copy = dm.AttributionIndex(tmp_path / method)
+        copy.refit(method)
+        expected[method] = rankings(copy)
+    assert expected["none"] != expected["centered-kernel"]
+    target = tmp_path / "served" / "index"
+    a.save_pretrained(target)
+    count = tmp_path / "refits"
+    writer = subprocess.Popen([sys.executable, "-c", REFITTER, str(target), str(count)])
+    answered, mixed = 0, []
+    try:
+        deadline = time.monotonic() + 120
+        while not count.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        start = int(count.read_text())
+        for _ in range(40):
+            try:
+                got = rankings(dm.AttributionIndex(target))
+            except IndexChangedError:
+                continue
+            answered += 1
+            if got not in expected.values():
+                mixed.append(got)
+        refits = int(count.read_text()) - start
+    finally:
+        (target.parent / "stop").touch()
+        writer.wait(timeout=120)
+    assert writer.returncode == 0
+    assert not mixed, f"{len(mixed)} of {answered} rankings were neither geometry's"
+    assert answered >= 20 and refits >= 3, (answered, refits)

@@ -83,7 +83,8 @@ def test_push_then_load_in_a_fresh_cache_attributes_like_the_local_index(local_h
     assert info.private and info.sha == commit.oid
     assert sorted(list_repo_files(REPO, repo_type="dataset")) == sorted(
         [".gitattributes", "README.md", "dataset.json", "dmin_config.json", "knn.bin", "knn_projection.safetensors",
-         "manifest.json", *shard_names(index)]
+         "manifest.json", *(["preconditioner.safetensors"] if index.config.preconditioning != "none" else []),
+         *shard_names(index)]
     )  # no per-writer part-*.json lists, no temporary files
 
     card = DatasetCard.load(hf_hub_download(REPO, "README.md", repo_type="dataset"))

@@ -13,6 +13,7 @@ import torch
 
 import dmin_diffusers as dm
 from dmin_diffusers.locks import IndexBusyError, index_write_lock
+from dmin_diffusers.artefacts import ARTEFACT_FILES
 from dmin_diffusers.search import KNN_FILES
 from dmin_diffusers.store import IndexIntegrityError
 from tiny_models import make_caption_dataset, tiny_pipeline
@@ -56,7 +57,10 @@ def test_every_damaged_file_is_detected_on_the_default_path(built, tmp_path):
     pipe, dataset, source = built
     index = dm.AttributionIndex.from_pretrained(source)
     names = index.files()
-    assert {"dmin_config.json", "dataset.json", "manifest.json", *KNN_FILES} <= set(names) and len(names) == 8
+    fitted = [name for name in ARTEFACT_FILES if name != "preconditioner.safetensors" or
+              index.config.preconditioning != "none"]
+    assert {"dmin_config.json", "dataset.json", "manifest.json", *fitted} <= set(names)
+    assert len(names) == 6 + len(fitted)  # and 3 shards
     undetected, trials = [], 0
     for name in names:
         size = (source / name).stat().st_size
@@ -81,7 +85,7 @@ def test_every_damaged_file_is_detected_on_the_default_path(built, tmp_path):
             except (IndexIntegrityError, ValueError, FileNotFoundError) as error:
                 assert str(error)
                 continue
-            if not (kind == "delete" and name in KNN_FILES):  # a missing HNSW file is rebuilt from the rows
+            if not (kind == "delete" and name in ARTEFACT_FILES):  # a missing fitted file is refitted from the rows
                 undetected.append((name, kind, offset))
     assert trials >= 70 and not undetected, undetected
 

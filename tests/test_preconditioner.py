@@ -131,7 +131,7 @@ def built(tmp_path_factory):
     pipe = tiny_pipeline("ddpm", pipeline_class=dm.DMinDDPMPipeline)
     dataset = make_image_dataset(NUM_ROWS)
     directory = tmp_path_factory.mktemp("index") / "index"
-    config = dm.DMinConfig(num_timesteps=3, projection_dim=256, shard_size=5)
+    config = dm.DMinConfig(num_timesteps=3, projection_dim=256, shard_size=5, preconditioning="none")
     index = pipe.build_attribution_index(dataset, directory, config=config, progress=False)
     queries = torch.stack([pipe.attribution_vector(dataset[row]["image"]) for row in range(NUM_ROWS)])
     return pipe, dataset, index, queries
