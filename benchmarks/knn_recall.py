@@ -10,8 +10,15 @@ the HNSW vectors (``knn_projection="pca"``: per-timestep principal components fi
 recall@10 of HNSW candidates re-ranked exactly on the full rows against exact search, the HNSW build time and
 its memory per row.
 
+Then the same is measured in each preconditioned geometry (``DMinConfig.preconditioning``:
+``centered``, ``kernel``, ``centered-kernel`` at damping 0.01, beside ``none``) as the package builds it: the
+preconditioner fitted from the rows (``Preconditioner.fit``, streamed), rows and queries mapped into its geometry
+(``map_rows``, ``map_query``: what ``KnnIndex`` feeds HNSW), the PCA projection fitted on the mapped sample, and
+exact search and re-ranking by the preconditioned score (the inner product of the mapped query and row).
+
     python benchmarks/knn_recall.py            # about 30 minutes on 2 cores (the rows, then the 100k sets)
     python benchmarks/knn_recall.py --quick    # the real rows of a smaller setting only; a few minutes
+    python benchmarks/knn_recall.py --preconditioned-only --quick-rows   # the preconditioned geometries alone
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from safetensors.torch import load_file, save_file
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.knn_projection import fit_projection, sample_row_ids
-from dmin_diffusers.search import knn_vectors, search_ef
+from dmin_diffusers.preconditioner import Preconditioner
+from dmin_diffusers.search import OVERSAMPLING, knn_vectors, search_ef
 import dmin_diffusers as dm
 
 from common import add_common_arguments, markdown_table, setup_threads, write_report
@@ -39,6 +47,11 @@ TOP_K = 10
 T, K = 10, 4096
 CANDIDATES = (10, 20, 40, 80, 160)
 M, EF_CONSTRUCTION = 32, 200
+#: the geometries of ``--preconditioned`` (``"none"`` measured beside them in the same run) and their damping
+GEOMETRIES = ("none", "centered", "kernel", "centered-kernel")
+DAMPING = 0.01
+#: candidate counts there: the package default (``OVERSAMPLING`` x 10 = 40) and more
+PRECONDITIONED_CANDIDATES = (20, 40, 80, 160, 320)
 
 
 def real_rows(cache: Path, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,19 +108,20 @@ def method_vectors(rows: torch.Tensor, kind: str, knn_dim: int, projection: torc
     return knn_vectors(flat, T, knn_dim, projection if kind == "pca" else None)
 
 
-def one_pass(queries: torch.Tensor, rows_of, num_rows: int, projections: dict, chunk: int = 4096):
+def one_pass(queries: torch.Tensor, rows_of, num_rows: int, projections: dict, chunk: int = 4096,
+             methods=METHODS):
     """Exact top-10 row ids of every query and every method's HNSW vectors, in one pass over the rows."""
     flat_queries = queries.reshape(len(queries), -1)
     best_scores = torch.full((len(queries), 0), -1e9)
     best_ids = torch.zeros((len(queries), 0), dtype=torch.int64)
-    vectors = {method: [] for method in METHODS}
+    vectors = {method: [] for method in methods}
     for start in range(0, num_rows, chunk):
         rows = rows_of(start, min(start + chunk, num_rows))
         scores = torch.cat([best_scores, flat_queries @ rows.reshape(len(rows), -1).T], dim=1)
         ids = torch.cat([best_ids, torch.arange(start, start + len(rows)).expand(len(queries), -1)], dim=1)
         keep = torch.topk(scores, TOP_K, dim=1).indices
         best_scores, best_ids = scores.gather(1, keep), ids.gather(1, keep)
-        for method in METHODS:
+        for method in methods:
             vectors[method].append(method_vectors(rows, method[1], method[2], projections.get(method[2])))
     return best_ids, {method: np.concatenate(parts) for method, parts in vectors.items()}
 
@@ -121,11 +135,12 @@ def build_index(vectors: np.ndarray, threads: int) -> tuple[hnswlib.Index, float
 
 
 def recall_cells(index: hnswlib.Index, query_vectors: np.ndarray, queries: torch.Tensor, truth: torch.Tensor,
-                 rows_of) -> list[str]:
+                 rows_of, candidates=CANDIDATES) -> list[str]:
     """Recall@10 of HNSW candidates re-ranked exactly (and the median HNSW query time) per candidate count."""
     flat_queries = queries.reshape(len(queries), -1)
     cells = []
-    for count in CANDIDATES:
+    for count in candidates:
+        count = min(count, index.get_current_count())
         index.set_ef(search_ef(count))
         hits, times = 0, []
         for q in range(len(queries)):
@@ -140,12 +155,14 @@ def recall_cells(index: hnswlib.Index, query_vectors: np.ndarray, queries: torch
     return cells
 
 
-def table(queries: torch.Tensor, rows_of, num_rows: int, threads: int, stored_bytes: int) -> str:
+def table_lines(queries: torch.Tensor, rows_of, num_rows: int, threads: int, stored_bytes: int, methods=METHODS,
+                candidates=CANDIDATES) -> list[list[str]]:
+    """One line per HNSW method: its name, bytes per row, build time and recall cells (``recall_cells``)."""
     sample = torch.cat([rows_of(i, i + 1) for i in sample_row_ids(np.arange(num_rows))])
-    projections = {dim: fit_projection(sample, dim, seed=0) for dim in {d for _, kind, d in METHODS if kind == "pca"}}
-    truth, vectors = one_pass(queries, rows_of, num_rows, projections)
+    projections = {dim: fit_projection(sample, dim, seed=0) for dim in {d for _, kind, d in methods if kind == "pca"}}
+    truth, vectors = one_pass(queries, rows_of, num_rows, projections, methods=methods)
     lines = []
-    for method in METHODS:
+    for method in methods:
         label, kind, knn_dim = method
         index, seconds = build_index(vectors.pop(method), threads)
         with tempfile.TemporaryDirectory() as directory:
@@ -155,10 +172,87 @@ def table(queries: torch.Tensor, rows_of, num_rows: int, threads: int, stored_by
         query_vectors = method_vectors(queries, kind, knn_dim, projections.get(knn_dim))
         name = f"{label}, {knn_dim}" + (f" (K/{K // knn_dim})" if kind == "fold" else "")
         lines.append([name, f"{per_row:,.0f} ({per_row / stored_bytes:.3f})", f"{seconds:.1f}"]
-                     + recall_cells(index, query_vectors, queries, truth, rows_of))
+                     + recall_cells(index, query_vectors, queries, truth, rows_of, candidates))
         print(lines[-1], flush=True)
+    return lines
+
+
+def table(queries: torch.Tensor, rows_of, num_rows: int, threads: int, stored_bytes: int) -> str:
+    lines = table_lines(queries, rows_of, num_rows, threads, stored_bytes)
     return markdown_table(["HNSW vectors, values per timestep", "HNSW bytes/row (/ stored row)", "build (s)"]
                           + [f"recall@10, {c} candidates (ms)" for c in CANDIDATES], lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# preconditioned geometries
+# ------------------------------------------------------------------------------------------------------------
+
+
+def fit_geometry(method: str, rows_of, num_rows: int, chunk: int = 4096) -> Preconditioner:
+    """The package's preconditioner for ``method``, fitted from the rows streamed in chunks (as from a store)."""
+    if method == "none":
+        return Preconditioner.identity(T, K)
+
+    def chunks():
+        for start in range(0, num_rows, chunk):
+            stop = min(start + chunk, num_rows)
+            yield torch.arange(start, stop), rows_of(start, stop).reshape(stop - start, T, K)
+
+    return Preconditioner.fit(chunks, method, DAMPING, seed=0)
+
+
+def mapped_rows(preconditioner: Preconditioner, rows_of, num_rows: int, chunk: int = 4096) -> torch.Tensor:
+    """Every row in the preconditioner's geometry, ``(N, T, K)`` float32 (``map_rows``: the HNSW index's input)."""
+    parts = []
+    for start in range(0, num_rows, chunk):
+        stop = min(start + chunk, num_rows)
+        rows = rows_of(start, stop).reshape(stop - start, T, K)
+        parts.append(rows if preconditioner.is_identity else preconditioner.map_rows(rows, torch.arange(start, stop)))
+    return torch.cat(parts)
+
+
+def geometry_table(queries: torch.Tensor, rows_of, num_rows: int, threads: int, stored_bytes: int,
+                   knn_dims: tuple[int, ...]) -> str:
+    """Recall@10 in each geometry of ``GEOMETRIES`` with PCA HNSW vectors of ``knn_dims`` values per timestep."""
+    methods = [("pca", "pca", d) for d in knn_dims]
+    lines = []
+    for method in GEOMETRIES:
+        start = time.perf_counter()
+        preconditioner = fit_geometry(method, rows_of, num_rows)
+        fitted = time.perf_counter() - start
+        mapped = mapped_rows(preconditioner, rows_of, num_rows)
+        mapped_queries = torch.stack([preconditioner.map_query(q) for q in queries])
+        print(f"  {method}: fitted in {fitted:.0f}s", flush=True)
+        label = method if method == "none" else f"{method} ({DAMPING:g})"
+        lines += [[label] + line for line in table_lines(mapped_queries, lambda a, b: mapped[a:b], num_rows, threads,
+                                                         stored_bytes, methods, PRECONDITIONED_CANDIDATES)]
+        del mapped
+    return markdown_table(["preconditioning (damping)", "HNSW vectors, values per timestep",
+                           "HNSW bytes/row (/ stored row)", "build (s)"]
+                          + [f"recall@10, {c} candidates (ms)" for c in PRECONDITIONED_CANDIDATES], lines)
+
+
+def preconditioned_sections(rows: torch.Tensor, queries: torch.Tensor, args, stored_bytes: int) -> list:
+    """The ``--preconditioned`` sections: the real rows, then (unless ``--quick``) ``--preconditioned-rows`` mixed
+    rows built from them."""
+    dims = tuple(int(d) for d in args.preconditioned_dims.split(","))
+    text = (f"Each geometry as the package builds it (`Preconditioner.fit` at damping {DAMPING:g} streamed over the "
+            "rows, rows and queries mapped with `map_rows` / `map_query`, the PCA projection fitted on the mapped "
+            "sample of up to 4,096 rows); exact search and re-ranking by the preconditioned score; HNSW M = "
+            f"{M}, ef_construction = {EF_CONSTRUCTION}, ef = `search.search_ef(candidates)`. The package default "
+            f"is 64 PCA values per timestep and {OVERSAMPLING * TOP_K} candidates. Cells: recall@10 against exact "
+            "search in the same geometry (median HNSW query time).\n\n")
+    sections = [(f"Preconditioned geometries, real rows ({len(rows)} rows)",
+                 f"The {len(rows)} real rows and {len(queries)} queries above. " + text
+                 + geometry_table(queries, lambda a, b: rows[a:b], len(rows), args.build_threads, stored_bytes, dims))]
+    if not args.quick and args.preconditioned_rows:
+        count, noise = args.preconditioned_rows, args.noise / 5
+        large = torch.cat([mixed_rows(rows, s, min(s + 4096, count), noise) for s in range(0, count, 4096)])
+        sections.append((f"Preconditioned geometries, {count:,} rows built from pairs of real rows",
+                         f"Rows built as the mixed set above (relative noise {noise:g}), {count:,} of them. " + text
+                         + geometry_table(queries, lambda a, b: large[a:b], count, args.build_threads, stored_bytes,
+                                          dims)))
+    return sections
 
 
 def main() -> None:
@@ -170,12 +264,25 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.5, help="relative noise of the perturbed copies")
     parser.add_argument("--build-threads", type=int, default=2)
     parser.add_argument("--large-kinds", default="mixed,noise", help="which large sets to build (mixed,noise)")
+    parser.add_argument("--preconditioned-only", action="store_true",
+                        help="only the preconditioned geometries' tables (to knn-recall-preconditioned[-quick].md)")
+    parser.add_argument("--preconditioned-rows", type=int, default=20_000,
+                        help="rows of the preconditioned geometries' mixed set (held in memory; 0: real rows only)")
+    parser.add_argument("--preconditioned-dims", default="64,128",
+                        help="PCA values per timestep of the preconditioned geometries' HNSW vectors")
+    parser.add_argument("--quick-rows", action="store_true",
+                        help="the real rows of the --quick setting (160 rows, minutes to build) in a full run")
     args = parser.parse_args()
     setup_threads(args.threads)
-    name = f"dmin-knn-rows{'-quick' if args.quick else ''}.safetensors"
+    quick_rows = args.quick or args.quick_rows
+    name = f"dmin-knn-rows{'-quick' if quick_rows else ''}.safetensors"
     cache = args.rows_cache or Path(tempfile.gettempdir()) / name
-    rows, queries = real_rows(cache, args.quick)
+    rows, queries = real_rows(cache, quick_rows)
     stored_bytes = T * K * 2  # float16 rows
+    if args.preconditioned_only:
+        write_report("knn-recall-preconditioned", preconditioned_sections(rows, queries, args, stored_bytes),
+                     args.quick, args.results_dir)
+        return
     sections = []
     real = table(queries, lambda a, b: rows[a:b], len(rows), args.build_threads, stored_bytes)
     sections.append(("Real rows", f"{len(rows)} rows and {len(queries)} queries of the t2i-lora setting, T = {T}, "
@@ -199,6 +306,7 @@ def main() -> None:
         large = table(queries, lambda a, b: make(rows, a, b, noise), count, args.build_threads, stored_bytes)
         sections.append((title, f"{text}; same queries and settings, HNSW built with {args.build_threads} "
                          "thread(s).\n\n" + large))
+    sections += preconditioned_sections(rows, queries, args, stored_bytes)
     write_report("knn-recall", sections, args.quick, args.results_dir)
 
 

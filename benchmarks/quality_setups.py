@@ -10,6 +10,7 @@ each, and two sets of generated queries (one to choose a recipe on, one to repor
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -272,11 +273,14 @@ def make_digit_unet(seed: int) -> UNet2DModel:
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
 
 
-def train_digits(pixels: torch.Tensor, keep: np.ndarray, steps: int, seed: int, batch_size: int = 32) -> UNet2DModel:
-    """Trains a fresh UNet on ``pixels[keep]``; everything else (init, noise, timesteps, order) is seeded."""
+def train_digits(pixels: torch.Tensor, keep: np.ndarray, steps: int, seed: int, batch_size: int = 32,
+                 lr: float = 2e-3, init_seed: int | None = None, cosine_decay: bool = False) -> UNet2DModel:
+    """Trains a fresh UNet on ``pixels[keep]``; its initialisation comes from ``init_seed`` (default ``seed``) and
+    the noise, timesteps and batch order from ``seed``; ``cosine_decay`` anneals the learning rate to 0."""
     scheduler = DDPMScheduler(num_train_timesteps=1000)
-    unet = make_digit_unet(seed).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=2e-3)
+    unet = make_digit_unet(seed if init_seed is None else init_seed).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
     generator = torch.Generator().manual_seed(seed)
     data = pixels[torch.as_tensor(keep)]
     for _ in range(steps):
@@ -287,6 +291,8 @@ def train_digits(pixels: torch.Tensor, keep: np.ndarray, steps: int, seed: int, 
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if cosine_decay:
+            decay.step()
     return unet.eval()
 
 

@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 from datasets import load_from_disk
 from diffusers import DDPMPipeline
 

@@ -65,3 +65,22 @@ def test_quality_quick_writes_its_tables(tmp_path):
     assert "Best-measured recipe" in report.split("## Choice of the default recipe", 1)[1]
     assert "positive in" in report.split("## Counterfactual", 1)[1]
     assert (tmp_path / "detection_rate-quick.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_preconditioner_cost_quick_writes_its_table(tmp_path):
+    """``--quick`` at one small size (the full --quick, 1k and 10k rows, takes minutes): every option's row."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, str(BENCHMARKS / "preconditioner_cost.py"), "--quick", "--results-dir", str(tmp_path),
+               "--sizes", "1000", "--queries", "5"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    report = (tmp_path / "preconditioner-cost-quick.md").read_text()
+    assert "cores visible" in report
+    rows = table_rows(report, "Fit, storage, latency and recall")
+    assert [row[1] for row in rows] == ["none", "centered", "kernel", "centered-kernel"]
+    for row in rows:
+        assert row[0] == "1,000" and row[7].endswith("x") and row[9].endswith("x"), row
+        recall = float(row[10].split(" ± ")[0])
+        assert 0.0 <= recall <= 1.0, row
+    assert rows[0][5] == "- (0)" and all("MiB" in row[5] for row in rows[1:])  # "none" has no file
