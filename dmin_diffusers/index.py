@@ -544,9 +544,9 @@ class AttributionIndex:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         try:
-            _move_into(staging, self.directory, manifest)
-        except BaseException:
-            _move_into(staging, self.directory, manifest)  # renames only: finish, so the index is never half old
+            _move_into(staging, self.directory, manifest, prune=False)
+        except BaseException:  # renames only: finish, so the index is never half old
+            _move_into(staging, self.directory, manifest, prune=False)
             raise
         self.manifest, self._files = self._open_files(verify=False)
         self._store = None  # opened again on the files just pinned
@@ -652,10 +652,11 @@ def _index_entries(directory: Path) -> tuple[list[Path], list[Path]]:
     return ours, foreign
 
 
-def _move_into(staging: Path, target: Path, manifest: dict) -> None:
+def _move_into(staging: Path, target: Path, manifest: dict, prune: bool = True) -> None:
     """Moves a staged index into ``target``: its manifest is removed first (a reader opening meanwhile waits for
-    the new one), every other file renamed over the old one, the new manifest renamed last, then the old index's
-    files that the new one does not list are deleted. Only renames: it can be called again to finish."""
+    the new one), every other file renamed over the old one, the new manifest renamed last, then, with ``prune``,
+    the old index's files that the new one does not list are deleted (a refit keeps the build's per-writer lists,
+    which a later run of the same build resumes from). Only renames: it can be called again to finish."""
     listed = set(manifest_entries(manifest))
     if (staging / MANIFEST_NAME).exists():  # not moved yet
         (target / SHARD_DIR).mkdir(parents=True, exist_ok=True)
@@ -667,7 +668,7 @@ def _move_into(staging: Path, target: Path, manifest: dict) -> None:
             if name not in listed:
                 (target / name).unlink(missing_ok=True)
         os.replace(staging / MANIFEST_NAME, target / MANIFEST_NAME)
-    ours, _ = _index_entries(target)
+    ours, _ = _index_entries(target) if prune else ([], [])
     for path in ours:
         relative = path.relative_to(target).as_posix()
         if path.parent.name == SHARD_DIR and relative not in listed:
