@@ -129,23 +129,18 @@ class Preconditioner:
         (scores become cosines there); by default only ``"centered"`` does."""
         check_method(method, damping)
         chunks = _as_chunks(rows)
-        first = next(chunks(), None)
-        if first is None:
+        count, total, trace = _first_moments(chunks)  # the shapes come with the moments: no extra read
+        if count == 0:
             raise ValueError("cannot fit a preconditioner on an index without rows")
-        _, sample = first
-        num_timesteps, dim = sample.shape[1], sample.shape[2]
-        mean = torch.zeros(num_timesteps, dim, dtype=torch.float64)
+        num_timesteps, dim = total.shape
+        mean = total / count if is_centred(method) else torch.zeros(num_timesteps, dim, dtype=torch.float64)
         basis = torch.zeros(num_timesteps, dim, 0, dtype=torch.float32)
         gain = torch.zeros(num_timesteps, 0, dtype=torch.float32)
         residual_gain = torch.ones(num_timesteps, dtype=torch.float32)
-        if method != "none":
-            count, total, trace = _first_moments(chunks)
-            if is_centred(method):
-                mean = total / count
-            if uses_kernel(method):
-                basis, eigenvalues = _top_eigenpairs(chunks, mean, count, min(rank, dim, count), seed)
-                centred_trace = trace / count - (mean**2).sum(dim=1)
-                basis, gain, residual_gain = _gains(basis, eigenvalues, centred_trace, dim, damping)
+        if uses_kernel(method):
+            basis, eigenvalues = _top_eigenpairs(chunks, mean, count, min(rank, dim, count), seed)
+            centred_trace = trace / count - (mean**2).sum(dim=1)
+            gain, residual_gain = _gains(eigenvalues, centred_trace, dim, damping)
         normalize = normalises_rows(method) if normalize_rows is None else bool(normalize_rows)
         if normalize and method == "none":
             raise ValueError("rows are already unit vectors without a preconditioner: normalize_rows needs a method")
@@ -369,8 +364,8 @@ def _top_eigenpairs(
 
 
 def _gains(
-    basis: torch.Tensor, eigenvalues: torch.Tensor, trace: torch.Tensor, dim: int, damping: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    eigenvalues: torch.Tensor, trace: torch.Tensor, dim: int, damping: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The factors ``(s + λ)^-1/2`` of the kept eigenvalues and of the mean of the rest, ``λ = damping · s₁``."""
     largest = eigenvalues[:, :1].double()
     if bool((largest <= 0).any()):
@@ -380,7 +375,7 @@ def _gains(
     residual = ((trace[:, None] - eigenvalues.double().sum(dim=1, keepdim=True)) / max(rest, 1)).clamp(min=0)
     gain = (eigenvalues.double() + damping_value).rsqrt()
     residual_gain = (residual + damping_value).rsqrt()[:, 0]
-    return basis, gain.float(), residual_gain.float()
+    return gain.float(), residual_gain.float()
 
 
 def _read(path: str | os.PathLike, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
