@@ -66,6 +66,13 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def first_count(count, deadline):
+    """The writer subprocess's first count of finished writes (waiting for it until ``deadline``)."""
+    while not count.exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return int(count.read_text())
+
+
 def test_readers_during_a_writer_never_mix_two_indices(two_indices, tmp_path):
     a, b = two_indices
     expected = {"a": rankings(a), "b": rankings(b)}
@@ -80,9 +87,7 @@ def test_readers_during_a_writer_never_mix_two_indices(two_indices, tmp_path):
     answered, changed, mixed = 0, 0, []
     try:
         deadline = time.monotonic() + 120
-        while not count.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        start_saves = int(count.read_text())
+        start_saves = first_count(count, deadline)
         for attempt in range(60):
             try:
                 got = rankings(dm.AttributionIndex.from_pretrained(target))
@@ -169,10 +174,7 @@ def test_readers_during_a_refit_get_one_geometry_or_the_other(two_indices, tmp_p
     writer = subprocess.Popen([sys.executable, "-c", REFITTER, str(target), str(count)])
     answered, mixed = 0, []
     try:
-        deadline = time.monotonic() + 120
-        while not count.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        start = int(count.read_text())
+        start = first_count(count, time.monotonic() + 120)
         for _ in range(40):
             try:
                 got = rankings(dm.AttributionIndex(target))
