@@ -117,8 +117,8 @@ def summary_table(saved: dict) -> str:
     rows = []
     for setting, result in saved.items():
         sets, methods = result["query_sets"], result["methods"]
-        names = [n for n in ("random", "pixel cosine", "latent cosine", "paper: none", "squared-norm: none")
-                 if n in methods] + list(dict.fromkeys(result["best"].values()))
+        names = dict.fromkeys([n for n in ("random", "pixel cosine", "latent cosine", "paper: none",
+                                           "squared-norm: none") if n in methods] + list(result["best"].values()))
         c = ceiling(np.asarray(result["losses"])[:, :, sets["evaluation"]])
         for name in names:
             seed0 = next(iter(methods[name]["seeds"].values()))

@@ -34,9 +34,9 @@ from safetensors.torch import load_file, save_file
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from lds_metrics import PAIRS_SEED, SUBSET_SEED, fixed_pairs, subset_masks
-from quality_data import digits_classifier, load_digit_rows, make_generic_dataset, make_t2i_dataset
+from quality_data import digits_classifier, load_digit_rows, make_t2i_dataset
 from quality_setups import (QUERY_SETS, Sizes, add_training_lora, encode_latents, generate, make_digit_unet,
-                            sd_prompt, set_latent_scale, t2i_prompts, to_pixels, train_digits, train_unet, train_vae)
+                            pretrained_sd, sd_prompt, t2i_prompts, to_pixels, train_digits)
 from tiny_models import tiny_pipeline
 
 TRAIN_SEED_BASE = 1000  # training seed s of the subset models is TRAIN_SEED_BASE + s; the full model uses seed 0/1
@@ -64,7 +64,7 @@ class RetrainSizes:
 SIZES = {
     "digits": RetrainSizes(rows=400, steps=130, batch_size=32, lr=2e-3, subsets=48, seeds=2, pairs=100,
                            queries_per_set=16, inference_steps=100),
-    "t2i-lora": RetrainSizes(rows=160, steps=80, batch_size=16, lr=3e-3, subsets=48, seeds=2, pairs=100,
+    "t2i-lora": RetrainSizes(rows=160, steps=600, batch_size=16, lr=3e-3, subsets=32, seeds=2, pairs=100,
                              queries_per_set=4, inference_steps=50, pretrain_rows=800, vae_steps=200,
                              pretrain_steps=500, lora_rank=8),
 }
@@ -171,17 +171,12 @@ def retrain_digits(directory: Path, sizes: RetrainSizes):
 # --------------------------------------------------------------------------------------------------
 
 
-def t2i_base(sizes: RetrainSizes):
-    """The tiny SD pre-trained on the generic corpus (VAE, then UNet), as ``quality_setups.build_t2i_lora``."""
-    pipe = tiny_pipeline("sd", dm.DMinStableDiffusionPipeline, seed=0)
-    pipe.set_progress_bar_config(disable=True)
-    corpus_images, captions = make_generic_dataset(sizes.pretrain_rows, 0)
-    corpus = to_pixels(corpus_images)
-    train_vae(pipe.vae, corpus, sizes.vae_steps, 0)
-    set_latent_scale(pipe, corpus)
-    pipe.unet.requires_grad_(True)
-    train_unet(pipe, encode_latents(pipe, corpus), captions, sizes.pretrain_steps, 0, lr=1e-3)
-    return pipe
+def quality_sizes(sizes: RetrainSizes) -> Sizes:
+    """The quality benchmark's sizes for this setting's base pre-training and query generation (seed 0)."""
+    return Sizes(t2i_rows=sizes.rows, pretrain_rows=sizes.pretrain_rows, vae_steps=sizes.vae_steps,
+                 pretrain_steps=sizes.pretrain_steps, lora_steps=0, lora_rank=sizes.lora_rank, t2i_steps=0,
+                 prompts_per_subset=sizes.queries_per_set, digit_rows=0, digit_steps=0, digit_queries=0,
+                 inference_steps=sizes.inference_steps)
 
 
 def lora_state(unet) -> dict[str, torch.Tensor]:
@@ -231,7 +226,8 @@ def t2i_inputs(pipe, sizes: RetrainSizes):
 def build_t2i_lora(directory: Path, sizes: RetrainSizes) -> dict:
     """Base, full LoRA (stream seed 1) and queries generated from held-out prompts (generation seeds 0 and 1)."""
     start = time.perf_counter()
-    pipe = t2i_base(sizes)
+    generation = quality_sizes(sizes)
+    pipe = pretrained_sd(generation)
     log(f"t2i-lora base pre-trained in {time.perf_counter() - start:.0f}s")
     dataset, family, latents, conditioning, empty = t2i_inputs(pipe, sizes)
     add_training_lora(pipe.unet, sizes.lora_rank, 0)
@@ -240,9 +236,6 @@ def build_t2i_lora(directory: Path, sizes: RetrainSizes) -> dict:
     train_lora(pipe.unet, lora_state(pipe.unet), latents, conditioning, empty, sizes, stream_seed=1)
     seconds = time.perf_counter() - start
     log(f"t2i-lora full LoRA trained in {seconds:.0f}s")
-    generation = Sizes(t2i_rows=sizes.rows, pretrain_rows=0, vae_steps=0, pretrain_steps=0, lora_steps=0,
-                       lora_rank=sizes.lora_rank, t2i_steps=0, prompts_per_subset=sizes.queries_per_set, digit_rows=0,
-                       digit_steps=0, digit_queries=0, inference_steps=sizes.inference_steps)
     prompts, images, bounds, count = [], [], {}, 0
     for position, (name, chosen) in enumerate(t2i_prompts(dataset, generation).items()):
         images += generate(pipe, [p for _, p in chosen], generation, position, "pil")

@@ -80,13 +80,13 @@ class Run:
 
 QUICK = Run(Sizes(t2i_rows=160, pretrain_rows=300, vae_steps=80, pretrain_steps=150, lora_steps=150, lora_rank=8,
                   t2i_steps=200, prompts_per_subset=2, digit_rows=150, digit_steps=150, digit_queries=4,
-                  inference_steps=20),
-            num_timesteps={"t2i-lora": 3, "t2i": 3, "digits": 3}, dims=(2**10, 2**12), hnsw_dims=(2**10,), seeds=2,
+                  inference_steps=20, class_rows=8),
+            num_timesteps=dict.fromkeys(BUILDERS, 3), dims=(2**10, 2**12), hnsw_dims=(2**10,), seeds=2,
             recipes=("paper", "squared-norm output"), counterfactual_images=1, fidelity_keys=2)
 FULL = Run(Sizes(t2i_rows=500, pretrain_rows=2000, vae_steps=800, pretrain_steps=2500, lora_steps=2000, lora_rank=8,
                  t2i_steps=2000, prompts_per_subset=8, digit_rows=400, digit_steps=1200, digit_queries=20,
                  inference_steps=100),
-           num_timesteps={"t2i-lora": 10, "t2i": 10, "digits": 10}, dims=(2**10, 2**12, 2**14),
+           num_timesteps=dict.fromkeys(BUILDERS, 10), dims=(2**10, 2**12, 2**14),
            hnsw_dims=(2**10, 2**12),
            seeds=3, recipes=tuple(RECIPES), counterfactual_images=3)
 
@@ -130,6 +130,11 @@ def rates_by_group(setup: Setup, top: dict[str, torch.Tensor], offsets: dict[str
     return out
 
 
+def self_retrieval(top: dict[str, torch.Tensor], positions: slice, rows: list[int]) -> dict[str, float]:
+    """Per method, the share of training rows attributed with their own prompt that rank themselves first."""
+    return {method: float((t[positions, 0] == torch.tensor(rows)).float().mean()) for method, t in top.items()}
+
+
 def baseline_rates(setup: Setup, top_k: int) -> dict:
     """Detection rates of the baselines, which do not depend on the DMin seed: random (the expected share of the
     label among the rows) and the similarity matrices."""
@@ -156,10 +161,11 @@ def sketched_scores(sketcher: GradientSketcher, rows: list, queries: list, dims:
     return Scores(methods, row_sketches, query_sketches, *(None,) * 5)
 
 
-def best_recipe(recipes: dict, method: str) -> str:
-    """The recipe with the highest selection-query detection at top-5 (mean over groups and seeds)."""
+def best_recipe(recipes: dict, method: str, top5: int | str = 5) -> str:
+    """The recipe with the highest selection-query detection at top-5 (mean over groups and seeds); ``top5`` is
+    the key of k = 5 (``"5"`` in results read back from JSON)."""
     def mean_top5(runs: dict) -> float:
-        return float(np.mean([g[method][5] for r in runs.values() for g in r["rates"]["selection"].values()]))
+        return float(np.mean([g[method][top5] for r in runs.values() for g in r["rates"]["selection"].values()]))
 
     return max(recipes, key=lambda name: mean_top5(recipes[name]["seeds"]))
 
@@ -170,8 +176,8 @@ def measure(setup: Setup, run: Run) -> tuple[dict, dict]:
     the results and each recipe's DMin exact scores of the evaluation queries at seed 0 (for the counterfactual)."""
     family = detect_family(setup.pipe)
     queries, offsets, start = [], {}, 0
-    for name in QUERY_SETS:
-        examples = setup.query_sets[name].examples
+    self_queries = [setup.rows[n] for n in setup.self_rows]  # each row with its own prompt
+    for name, examples in [(name, setup.query_sets[name].examples) for name in QUERY_SETS] + [("self", self_queries)]:
         queries += examples
         offsets[name] = slice(start, start + len(examples))
         start += len(examples)
@@ -192,14 +198,16 @@ def measure(setup: Setup, run: Run) -> tuple[dict, dict]:
             if full:
                 scores = gradient_scores(sketcher, setup.rows, queries, run.dims, run.fidelity_keys - 1, theory=True)
                 results["fidelity"] = {name: fidelity_table(select_queries(scores, list(range(s.start, s.stop))))
-                                       for name, s in offsets.items()}
+                                       for name, s in offsets.items() if name in QUERY_SETS}
             else:
                 scores = sketched_scores(sketcher, setup.rows, queries, run.dims)
             seconds = time.perf_counter() - began
-            scores.methods.update(preconditioned_methods(scores))
+            scores.methods.update(preconditioned_methods(scores, min(max(run.dims), dm.DMinConfig().projection_dim)))
             top = method_top_rows(scores, run.hnsw_dims, top_k)
             per_seed[seed] = {"seconds_per_row": None if full else seconds / (len(setup.rows) + len(queries)),
                               "rates": rates_by_group(setup, top, offsets)}
+            if self_queries:
+                per_seed[seed]["self_retrieval"] = self_retrieval(top, offsets["self"], setup.self_rows)
             if seed == 0:
                 kept_scores[recipe] = scores.methods[reference][offsets["evaluation"]]
             mean5 = np.mean([g[reference][5] for g in per_seed[seed]["rates"]["selection"].values()])
@@ -260,6 +268,22 @@ def counterfactual(setup: Setup, run: Run, kept_scores: dict[str, torch.Tensor])
             f"image over 256 fixed (t, noise) draws.{summary}")
 
 
+def merge_earlier_recipes(results: dict, previous: dict) -> dict:
+    """``results`` of a run of some recipes (``--recipes``) with the other recipes of an earlier run of the same
+    setting carried over (and said so in the notes), so that re-measuring two recipes keeps the grid."""
+    carried = {name: r for name, r in previous["recipes"].items() if name not in results["recipes"]}
+    if not carried:
+        return results
+    results = json.loads(json.dumps(results))  # the keys as the carried recipes have them
+    merged = carried | results["recipes"]
+    results["recipes"] = {name: merged[name] for name in RECIPES if name in merged}
+    reference = f"DMin exact, K=2^{max(results['run']['dims']).bit_length() - 1}"
+    results["best_recipe"] = best_recipe(results["recipes"], reference, "5")
+    results["notes"].append(f"recipes {', '.join(carried)} carried over from an earlier run of this setting (same "
+                            "sizes and seeds, its own trained model); the others re-measured in this run")
+    return results
+
+
 def results_path(mode: str, quick: bool, results_dir: Path | None) -> Path:
     directory = results_dir or RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -301,7 +325,10 @@ def main() -> None:
             compared = dict.fromkeys(["paper", results["best_recipe"], default_recipe_name()])
             results["counterfactual"] = counterfactual(setup, run, {name: kept[name] for name in compared})
         results["run"] = asdict(run)
-        results_path(mode, args.quick, args.results_dir).write_text(json.dumps(results, indent=1))
+        path = results_path(mode, args.quick, args.results_dir)
+        if args.recipes is not None and path.exists():
+            results = merge_earlier_recipes(results, json.loads(path.read_text()))
+        path.write_text(json.dumps(results, indent=1))
     saved = {mode: json.loads(results_path(mode, args.quick, args.results_dir).read_text())
              for mode in BUILDERS if results_path(mode, args.quick, args.results_dir).exists()}
     write_quality_report(saved, args.quick, args.results_dir, RECIPES, default_recipe_name())

@@ -139,6 +139,46 @@ def make_t2i_dataset(num_rows: int, seed: int = 0):
     )
 
 
+#: DreamBooth instance sets: name -> (the drawer of its class, images, instance prompt, class prompt), as
+#: ``train_dreambooth_lora.py --instance_prompt ... --class_prompt ...`` (a rare token naming one object)
+INSTANCES: dict[str, tuple[str, int, str, str]] = {
+    "sks flower": ("flowers", 5, "a photo of sks flower", "a photo of a flower"),
+    "zwx card": ("cards", 10, "a photo of zwx card", "a photo of a card"),
+    "qrt lego": ("lego", 20, "a photo of qrt lego set", "a photo of a lego set"),
+}
+#: prior-preservation rows per class (one class prompt each), besides the classes of the instances
+CLASS_PROMPTS = {"landscapes": "a photo of a landscape", "patterns": "a photo of a pattern"}
+
+
+def _instance_view(identity: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Another photo of the same object: shifted by up to 3 pixels and lit 15 % brighter or darker."""
+    shift = rng.integers(-3, 4, size=2)
+    pixels = np.roll(np.asarray(identity, dtype=np.float32), tuple(int(v) for v in shift), axis=(0, 1))
+    return Image.fromarray(np.clip(pixels * rng.uniform(0.85, 1.15), 0, 255).astype(np.uint8))
+
+
+def make_dreambooth_dataset(class_rows: int, seed: int = 0):
+    """DreamBooth with prior preservation: each of ``INSTANCES`` is one drawn object photographed several times,
+    every photo captioned with its instance prompt; ``class_rows`` other rows per class carry only their class
+    prompt. Columns "image", "text" and "subset" (the instance's name, or "class: <subset>"), shuffled."""
+    from datasets import Dataset, Features, Image as ImageFeature, Value
+
+    rng = np.random.default_rng([seed, 11])
+    rows = []
+    for name, (subset, count, instance_prompt, _) in INSTANCES.items():
+        identity, _ = SUBSETS[subset][0](rng)
+        rows += [(_noisy(_instance_view(identity, rng), rng), instance_prompt, name) for _ in range(count)]
+    classes = {subset: class_prompt for subset, _, _, class_prompt in INSTANCES.values()} | CLASS_PROMPTS
+    for subset, class_prompt in classes.items():
+        rows += [(_noisy(SUBSETS[subset][0](rng)[0], rng), class_prompt, f"class: {subset}")
+                 for _ in range(class_rows)]
+    order = rng.permutation(len(rows))
+    features = Features({"image": ImageFeature(), "text": Value("string"), "subset": Value("string")})
+    return Dataset.from_dict(
+        {key: [rows[i][k] for i in order] for k, key in enumerate(("image", "text", "subset"))}, features=features
+    )
+
+
 def heldout_prompts(subset: str, count: int, excluded: set[str], seed: int = 1) -> list[str]:
     """``count`` captions of ``subset`` that are not in ``excluded`` (the training captions, and the prompts of
     another query set), drawn with ``seed``."""

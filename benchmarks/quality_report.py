@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 
-from common import markdown_table, plot_path, write_report
+from common import RESULTS_DIR, markdown_table, plot_path, write_report
+from lds_report import summary_table
 
 HEADLINE_KS = ("5", "10")
 REFERENCE_METHOD = "DMin exact, K=2^12"  # the package's default K = 4096
@@ -57,6 +59,21 @@ def headline_table(results: dict, default_name: str) -> str:
     return markdown_table(headers, rows)
 
 
+def self_retrieval_table(results: dict, default_name: str) -> str:
+    """Share of the rows attributed with their own prompt that rank themselves first, per method, for the paper's
+    recipe and the default one (mean ± std over seeds)."""
+    names = list(dict.fromkeys(["paper", default_name]))
+    recipes = {name: results["recipes"][name] for name in names if name in results["recipes"]}
+    methods = list(next(iter(recipes.values()))["seeds"]["0"]["self_retrieval"])
+
+    def cell(recipe: dict, method: str) -> str:
+        values = [run["self_retrieval"][method] for run in recipe["seeds"].values() if method in run["self_retrieval"]]
+        return spread(np.asarray(values)) if values else "-"
+
+    rows = [[method] + [cell(recipe, method) for recipe in recipes.values()] for method in methods]
+    return markdown_table(["method"] + [f"{name} recipe" for name in recipes], rows)
+
+
 def verdict(difference: float, spread_of: float) -> str:
     if difference > spread_of:
         return "better"
@@ -92,10 +109,11 @@ def grid_table(results: dict) -> str:
 
 
 def choice_section(saved: dict, default: str) -> str:
-    """Averages each recipe's selection mean top-5 over the settings that ran it, and names the best."""
-    names = [n for n in next(iter(saved.values()))["recipes"] if all(n in r["recipes"] for r in saved.values())]
-    if not names:
-        return "No recipe ran in every setting."
+    """Averages each recipe's selection mean top-5 over the settings that ran the whole grid (the most recipes any
+    setting ran), and names the best."""
+    grid = max((r["recipes"] for r in saved.values()), key=len)
+    saved = {mode: r for mode, r in saved.items() if set(grid) <= set(r["recipes"])}
+    names = list(grid)
     scores = {n: np.mean([seed_values(r["recipes"][n], "selection", REFERENCE_METHOD, "5") for r in saved.values()],
                          axis=0) for n in names}
     rows = [[n, spread(v)] + [f"{seed_values(r['recipes'][n], 'selection', REFERENCE_METHOD, '5').mean():.3f}"
@@ -151,6 +169,17 @@ def plot_headline(saved: dict, path: Path, default: str) -> None:
     plt.close(fig)
 
 
+def lds_section(quick: bool, results_dir: Path | None) -> str | None:
+    """The summary of ``benchmarks/lds.py``'s saved results (the field's metric beside the paper's), if any."""
+    found = [json.loads(p.read_text()) for p in sorted((results_dir or RESULTS_DIR).glob(
+        f"lds{'-quick' if quick else ''}-*.json"))]
+    saved = {result["setting"]: result for result in found}
+    if not saved:
+        return None
+    return (summary_table(saved) + "\n\nFrom `benchmarks/lds.py` (re-scored from the committed retraining data); "
+            "every method row, the noise ceiling and the protocol are in `lds.md`.")
+
+
 def write_quality_report(saved: dict, quick: bool, results_dir: Path | None, recipes: dict, default: str) -> Path:
     """Writes ``quality[-quick].md`` (and the plot) from the saved results of each setting; ``default`` names the
     recipe of ``DMinConfig()``."""
@@ -178,11 +207,18 @@ def write_quality_report(saved: dict, quick: bool, results_dir: Path | None, rec
         sections.append((f"Recipe grid, {mode} (selection queries, {REFERENCE_METHOD})", grid_table(results)))
     sections.append(("Choice of the default recipe", choice_section(saved, default)))
     for mode, results in saved.items():
+        if "self_retrieval" in next(iter(results["recipes"]["paper"]["seeds"].values())):
+            sections.append((f"Self-retrieval, {mode} (each instance row attributed with its own prompt)",
+                             self_retrieval_table(results, default)))
+    for mode, results in saved.items():
         if "counterfactual" in results:
             sections.append((f"Counterfactual, {mode}: retraining without the top-k rows", results["counterfactual"]))
     for mode, results in saved.items():
         if results.get("fidelity"):
             sections.append((f"Compression fidelity, {mode} (paper recipe, seed 0, selection queries)",
                              results["fidelity"]["selection"]))
+    lds = lds_section(quick, results_dir)
+    if lds is not None:
+        sections.append(("Linear datamodeling score (LDS)", lds))
     sections.append(("Plot", f"![detection rate]({plot.name}) written to `{plot}`"))
     return write_report("quality", sections, quick, results_dir)

@@ -40,13 +40,14 @@ PRECONDITIONED = ("centered", "kernel", "centered-kernel")
 PRECONDITIONING_DAMPING = 0.01
 
 
-def preconditioned_methods(scores: Scores) -> dict[str, torch.Tensor]:
-    """DMin exact at the largest K under each of ``PRECONDITIONED``: the package's preconditioner fitted on the
-    float16 row sketches (what an index stores), applied to the queries."""
-    rows = scores.row_sketches.float()
-    name = f"DMin exact, K=2^{rows.shape[-1].bit_length() - 1}"
-    return {f"{name}, {method}": Preconditioner.fit(rows, method, PRECONDITIONING_DAMPING).scores(
-        scores.query_sketches, rows) for method in PRECONDITIONED}
+def preconditioned_methods(scores: Scores, dim: int) -> dict[str, torch.Tensor]:
+    """DMin exact at K = ``dim`` under each of ``PRECONDITIONED``: the package's preconditioner fitted on the
+    float16 row sketches folded to ``dim`` (what an index of that K stores), applied to the queries."""
+    rows = fold_sketch(scores.row_sketches.float(), dim)
+    queries = fold_sketch(scores.query_sketches, dim)
+    name = f"DMin exact, K=2^{dim.bit_length() - 1}"
+    return {f"{name}, {method}": Preconditioner.fit(rows, method, PRECONDITIONING_DAMPING).scores(queries, rows)
+            for method in PRECONDITIONED}
 
 
 def sketch_rows(projector: SketchProjector, normalised: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The three settings of the quality benchmark: a trained pipeline, its training rows as model inputs with a label
+"""The settings of the quality benchmark: a trained pipeline, its training rows as model inputs with a label
 each, and two sets of generated queries (one to choose a recipe on, one to report on).
 
 * ``t2i-lora``, the paper's setting: a tiny Stable Diffusion whose VAE and UNet are pre-trained on a generic corpus
@@ -6,6 +6,8 @@ each, and two sets of generated queries (one to choose a recipe on, one to repor
   ``train_text_to_image_lora.py`` does (frozen base, ``unet.add_adapter(LoraConfig(...))``); DMin tracks the LoRA.
 * ``t2i``: the same tiny UNet trained in full from random initialisation on the subsets (random VAE).
 * ``digits``: an unconditional DDPM on scikit-learn's 8x8 digits; a classifier labels the generated digits.
+* ``dreambooth``: ``train_dreambooth_lora.py`` with prior preservation on the ``t2i-lora`` base: a few instance
+  sets, each photo captioned with its one instance prompt, among rows that carry only their class prompt.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
 from dmin_diffusers.inputs import preprocess_image
 import common  # noqa: F401  (puts tests/ on the path for tiny_models)
-from quality_data import (EVALUATED, digits_classifier, heldout_prompts, load_digit_rows, make_generic_dataset,
-                          make_t2i_dataset)
+from quality_data import (EVALUATED, INSTANCES, digits_classifier, heldout_prompts, load_digit_rows,
+                          make_dreambooth_dataset, make_generic_dataset, make_t2i_dataset)
 from tiny_models import tiny_pipeline
 
 QUERY_SETS = ("selection", "evaluation")  # recipes are chosen on the first and reported on the second
@@ -50,6 +52,7 @@ class Sizes:
     inference_steps: int
     guidance_scale: float = 4.0
     seed: int = 0
+    class_rows: int = 20  # dreambooth: prior-preservation rows per class
 
 
 @dataclass
@@ -73,6 +76,7 @@ class Setup:
     query_sets: dict[str, QuerySet]
     notes: list[str] = field(default_factory=list)
     digit_pixels: torch.Tensor | None = None  # for the counterfactual retraining
+    self_rows: list[int] = field(default_factory=list)  # rows attributed with their own prompt (self-retrieval)
 
     def group_of(self, label) -> str:
         return label if label in self.groups else self.groups[0]
@@ -190,12 +194,12 @@ def generate(pipe, prompts: list[str], sizes: Sizes, seed: int, output_type: str
 
 
 # --------------------------------------------------------------------------------------------------
-# The three settings
+# The settings
 # --------------------------------------------------------------------------------------------------
 
 
-def build_t2i_lora(sizes: Sizes) -> Setup:
-    """The paper's setting: pre-trained VAE and UNet, LoRA fine-tuning; queries are generated images (PIL)."""
+def pretrained_sd(sizes: Sizes):
+    """The tiny Stable Diffusion with its VAE and UNet pre-trained on the generic corpus (the users' base model)."""
     seed = sizes.seed
     pipe = tiny_pipeline("sd", dm.DMinStableDiffusionPipeline, seed=seed)
     pipe.set_progress_bar_config(disable=True)
@@ -207,31 +211,75 @@ def build_t2i_lora(sizes: Sizes) -> Setup:
     pipe.unet.requires_grad_(True)
     train_unet(pipe, encode_latents(pipe, corpus), corpus_captions, sizes.pretrain_steps, seed, lr=1e-3)
     print(f"  pre-trained in {time.perf_counter() - start:.0f}s", flush=True)
-    dataset = make_t2i_dataset(sizes.t2i_rows, seed)
-    add_training_lora(pipe.unet, sizes.lora_rank, seed)
+    return pipe
+
+
+def fine_tune_lora(pipe, dataset, sizes: Sizes) -> None:
+    """diffusers' LoRA fine-tuning (``add_training_lora``, then ``train_unet``) on a dataset's images and texts."""
+    add_training_lora(pipe.unet, sizes.lora_rank, sizes.seed)
     start = time.perf_counter()
-    train_unet(pipe, encode_latents(pipe, to_pixels(dataset["image"])), dataset["text"], sizes.lora_steps, seed + 1,
-               lr=1e-3)
+    train_unet(pipe, encode_latents(pipe, to_pixels(dataset["image"])), dataset["text"], sizes.lora_steps,
+               sizes.seed + 1, lr=1e-3)
     print(f"  LoRA fine-tuned in {time.perf_counter() - start:.0f}s", flush=True)
+
+
+def image_query_sets(pipe, dataset, rows: list[PreparedExample], prompts: dict[str, list[tuple[str, str]]],
+                     sizes: Sizes) -> dict[str, QuerySet]:
+    """Generated images (PIL, encoded by the VAE as any user's image) of each query set's (label, prompt) pairs,
+    with the pixel and latent similarity baselines; query set ``i`` is generated from seed ``sizes.seed + i``."""
     prep = preparer(pipe)
     resolution = prep.config.resolution
-    rows = [prep.prepare(r["image"], r["text"]) for r in dataset]
     row_pixels = torch.cat([preprocess_image(im, resolution) for im in dataset["image"]])
     row_latents = torch.cat([r.latents for r in rows])
     query_sets = {}
-    for position, (name, chosen) in enumerate(t2i_prompts(dataset, sizes).items()):
-        images = generate(pipe, [p for _, p in chosen], sizes, seed + position, "pil")
+    for position, (name, chosen) in enumerate(prompts.items()):
+        images = generate(pipe, [p for _, p in chosen], sizes, sizes.seed + position, "pil")
         examples = [prep.prepare(image, prompt) for image, (_, prompt) in zip(images, chosen)]
         pixels = torch.cat([preprocess_image(im, resolution) for im in images])
         query_sets[name] = QuerySet(examples, [s for s, _ in chosen], {
             "pixel similarity (cosine)": cosine(pixels, row_pixels),
             "latent similarity (cosine)": cosine(torch.cat([e.latents for e in examples]), row_latents)})
+    return query_sets
+
+
+def build_t2i_lora(sizes: Sizes) -> Setup:
+    """The paper's setting: pre-trained VAE and UNet, LoRA fine-tuning; queries are generated images (PIL)."""
+    pipe = pretrained_sd(sizes)
+    dataset = make_t2i_dataset(sizes.t2i_rows, sizes.seed)
+    fine_tune_lora(pipe, dataset, sizes)
+    prep = preparer(pipe)
+    rows = [prep.prepare(r["image"], r["text"]) for r in dataset]
+    query_sets = image_query_sets(pipe, dataset, rows, t2i_prompts(dataset, sizes), sizes)
     setup = Setup("t2i-lora", pipe, rows, np.asarray(dataset["subset"]), EVALUATED, query_sets)
     setup.notes.append(
         f"t2i-lora: VAE ({sizes.vae_steps} steps) and UNet ({sizes.pretrain_steps} steps) pre-trained on "
         f"{sizes.pretrain_rows} generic images; LoRA rank {sizes.lora_rank} on to_q/to_k/to_v/to_out.0 fine-tuned "
         f"{sizes.lora_steps} steps on the {sizes.t2i_rows} rows; queries are the generated images (PIL), encoded "
         "by the VAE as any user's image")
+    return setup
+
+
+def build_dreambooth(sizes: Sizes) -> Setup:
+    """DreamBooth LoRA with prior preservation on the pre-trained base: instance sets of 5-20 photos of one object,
+    each photo captioned with its instance prompt, among class rows captioned with their class prompt. Queries are
+    generations of each instance prompt (the prompt cannot be held out: the query sets differ in generation seed);
+    every instance row is also attributed with its own prompt (self-retrieval)."""
+    pipe = pretrained_sd(sizes)
+    dataset = make_dreambooth_dataset(sizes.class_rows, sizes.seed)
+    fine_tune_lora(pipe, dataset, sizes)
+    prep = preparer(pipe)
+    rows = [prep.prepare(r["image"], r["text"]) for r in dataset]
+    chosen = [(name, prompt) for name, (_, _, prompt, _) in INSTANCES.items() for _ in range(sizes.prompts_per_subset)]
+    query_sets = image_query_sets(pipe, dataset, rows, dict.fromkeys(QUERY_SETS, chosen), sizes)
+    labels = np.asarray(dataset["subset"])
+    setup = Setup("dreambooth", pipe, rows, labels, tuple(INSTANCES), query_sets,
+                  self_rows=[int(i) for i in np.flatnonzero(np.isin(labels, list(INSTANCES)))])
+    sets = ", ".join(f"{name} ({count} photos)" for name, (_, count, _, _) in INSTANCES.items())
+    setup.notes.append(
+        f"dreambooth: the t2i-lora base; LoRA rank {sizes.lora_rank} fine-tuned {sizes.lora_steps} steps on the "
+        f"instance sets {sets}, each photo captioned with its instance prompt, among {sizes.class_rows} rows per class "
+        "captioned with the class prompt (prior preservation); queries: generations of each instance prompt, "
+        "the query sets differing in generation seed; self-retrieval over every instance row")
     return setup
 
 
@@ -323,4 +371,4 @@ def build_digits(sizes: Sizes) -> Setup:
     return setup
 
 
-BUILDERS = {"t2i-lora": build_t2i_lora, "t2i": build_t2i, "digits": build_digits}
+BUILDERS = {"t2i-lora": build_t2i_lora, "t2i": build_t2i, "digits": build_digits, "dreambooth": build_dreambooth}

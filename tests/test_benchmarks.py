@@ -12,10 +12,10 @@ import pytest
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
-def run_quick(script: str, results_dir: Path) -> str:
+def run_quick(script: str, results_dir: Path, timeout: int = 900) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", MPLBACKEND="Agg")
     finished = subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--results-dir", str(results_dir)],
-                              env=env, capture_output=True, text=True, timeout=900)
+                              env=env, capture_output=True, text=True, timeout=timeout)
     assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
     return finished.stdout
 
@@ -44,14 +44,15 @@ def test_speed_quick_writes_its_tables(tmp_path):
 
 @pytest.mark.slow
 def test_quality_quick_writes_its_tables(tmp_path):
-    run_quick("quality.py", tmp_path)
+    run_quick("quality.py", tmp_path, timeout=1800)  # four settings: about 15 minutes in CI
     report = (tmp_path / "quality-quick.md").read_text()
-    for mode in ("t2i-lora", "t2i", "digits"):
+    for mode in ("t2i-lora", "t2i", "digits", "dreambooth"):
         assert (tmp_path / f"quality-quick-{mode}.json").stat().st_size > 0
         detection = {row[0]: row[1:] for row in table_rows(report, f"Detection rate, {mode}")}
         baselines = ["random selection (expected)"] + {
             "t2i-lora": ["pixel similarity (cosine)", "latent similarity (cosine)"],
-            "t2i": ["latent similarity (cosine)"], "digits": ["pixel similarity (cosine)"]}[mode]
+            "t2i": ["latent similarity (cosine)"], "digits": ["pixel similarity (cosine)"],
+            "dreambooth": ["pixel similarity (cosine)", "latent similarity (cosine)"]}[mode]
         gradients = [f"paper recipe: {m}" for m in ("uncompressed, normalised", "uncompressed, no normalisation",
                                                      "DMin exact, K=2^10", "DMin exact, K=2^12", "DMin HNSW, K=2^10")]
         for method in baselines + gradients:
@@ -62,6 +63,9 @@ def test_quality_quick_writes_its_tables(tmp_path):
         grid = table_rows(report, f"Recipe grid, {mode}")
         assert [row[0] for row in grid] == ["paper", "squared-norm output"]
         assert [row[0] for row in table_rows(report, f"Compression fidelity, {mode}")] == ["2^10", "2^12"]
+    self_retrieval = {row[0]: row[1:] for row in table_rows(report, "Self-retrieval, dreambooth")}
+    for method in ("DMin exact, K=2^12", "DMin exact, K=2^12, kernel", "DMin HNSW, K=2^10"):
+        assert 0.0 <= float(self_retrieval[method][0].split()[0]) <= 1.0, self_retrieval
     assert "Best-measured recipe" in report.split("## Choice of the default recipe", 1)[1]
     assert "positive in" in report.split("## Counterfactual", 1)[1]
     assert (tmp_path / "detection_rate-quick.png").stat().st_size > 0

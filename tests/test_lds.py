@@ -82,11 +82,11 @@ def test_mean_se():
 def test_quick_rescoring_from_the_committed_data(tmp_path):
     import lds
 
-    if not (lds.DATA_DIR / "digits" / "losses.safetensors").exists():
-        pytest.skip("no committed LDS data")
-    text = lds.run(quick=True, results_dir=tmp_path, settings=("digits",))
+    text = lds.run(quick=True, results_dir=tmp_path, settings=lds.SETTINGS)
     assert (tmp_path / "lds-quick.md").read_text() == text
-    assert (tmp_path / "lds-quick-digits.json").exists()
-    section = text.split("## digits", 1)[1]
-    assert "### Noise ceiling" in section and "| squared-norm: kernel, λ=0.01·s₁ |" in section
+    for setting, baselines in (("digits", ["pixel cosine"]), ("t2i-lora", ["pixel cosine", "latent cosine"])):
+        assert (tmp_path / f"lds-quick-{setting}.json").exists()
+        section = text.split(f"## {setting}", 1)[1].split("\n## ", 1)[0]
+        assert "### Noise ceiling" in section and "| squared-norm: kernel, λ=0.01·s₁ |" in section
+        assert all(f"| {name} |" in section for name in baselines)
     assert lds.report(tmp_path, quick=True) == text  # rebuilt from the JSON alone
