@@ -119,10 +119,19 @@ def _noisy(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def make_t2i_dataset(num_rows: int, seed: int = 0):
-    """``datasets.Dataset`` with "image" (32x32 RGB), "text" and "subset", rows of the subsets shuffled."""
+def _shuffled_dataset(rows: list[tuple], rng: np.random.Generator):
+    """``datasets.Dataset`` with "image", "text" and "subset" from (image, text, subset) rows, shuffled by ``rng``."""
     from datasets import Dataset, Features, Image as ImageFeature, Value
 
+    order = rng.permutation(len(rows))
+    features = Features({"image": ImageFeature(), "text": Value("string"), "subset": Value("string")})
+    return Dataset.from_dict(
+        {key: [rows[i][k] for i in order] for k, key in enumerate(("image", "text", "subset"))}, features=features
+    )
+
+
+def make_t2i_dataset(num_rows: int, seed: int = 0):
+    """``datasets.Dataset`` with "image" (32x32 RGB), "text" and "subset", rows of the subsets shuffled."""
     counts = {name: max(1, int(round(share * num_rows))) for name, (_, share) in SUBSETS.items()}
     counts["landscapes"] += num_rows - sum(counts.values())
     rng = np.random.default_rng(seed)
@@ -132,11 +141,7 @@ def make_t2i_dataset(num_rows: int, seed: int = 0):
         for _ in range(count):
             image, caption = drawer(rng)
             rows.append((_noisy(image, rng), caption, name))
-    order = rng.permutation(len(rows))
-    features = Features({"image": ImageFeature(), "text": Value("string"), "subset": Value("string")})
-    return Dataset.from_dict(
-        {key: [rows[i][k] for i in order] for k, key in enumerate(("image", "text", "subset"))}, features=features
-    )
+    return _shuffled_dataset(rows, rng)
 
 
 #: DreamBooth instance sets: name -> (the drawer of its class, images, instance prompt, class prompt), as
@@ -161,8 +166,6 @@ def make_dreambooth_dataset(class_rows: int, seed: int = 0):
     """DreamBooth with prior preservation: each of ``INSTANCES`` is one drawn object photographed several times,
     every photo captioned with its instance prompt; ``class_rows`` other rows per class carry only their class
     prompt. Columns "image", "text" and "subset" (the instance's name, or "class: <subset>"), shuffled."""
-    from datasets import Dataset, Features, Image as ImageFeature, Value
-
     rng = np.random.default_rng([seed, 11])
     rows = []
     for name, (subset, count, instance_prompt, _) in INSTANCES.items():
@@ -172,11 +175,7 @@ def make_dreambooth_dataset(class_rows: int, seed: int = 0):
     for subset, class_prompt in classes.items():
         rows += [(_noisy(SUBSETS[subset][0](rng)[0], rng), class_prompt, f"class: {subset}")
                  for _ in range(class_rows)]
-    order = rng.permutation(len(rows))
-    features = Features({"image": ImageFeature(), "text": Value("string"), "subset": Value("string")})
-    return Dataset.from_dict(
-        {key: [rows[i][k] for i in order] for k, key in enumerate(("image", "text", "subset"))}, features=features
-    )
+    return _shuffled_dataset(rows, rng)
 
 
 def heldout_prompts(subset: str, count: int, excluded: set[str], seed: int = 1) -> list[str]:
