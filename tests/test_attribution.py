@@ -156,7 +156,7 @@ def test_save_and_load_into_a_fresh_pipeline(built, tmp_path):
         before = pipe.attribute(image, prompt, top_k=5, exact=exact)
         after = fresh.attribute(image, prompt, top_k=5, exact=exact)
         assert before.indices == after.indices
-        np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6)
+        np.testing.assert_allclose(before.scores, after.scores, rtol=1e-6, atol=1e-5)
     assert fresh.attribute(image, prompt, top_k=1).examples[0]["image"].size == image.size
 
 

@@ -174,8 +174,11 @@ def test_readers_during_a_refit_get_one_geometry_or_the_other(two_indices, tmp_p
     writer = subprocess.Popen([sys.executable, "-c", REFITTER, str(target), str(count)])
     answered, mixed = 0, []
     try:
-        start = first_count(count, time.monotonic() + 120)
-        for _ in range(40):
+        deadline = time.monotonic() + 120
+        start = first_count(count, deadline)
+        refits = 0
+        # reads go on until at least three refits happened under them (the writer's pace depends on the CPU)
+        while (answered < 20 or refits < 3) and time.monotonic() < deadline:
             try:
                 got = rankings(dm.AttributionIndex(target))
             except IndexChangedError:
@@ -183,7 +186,7 @@ def test_readers_during_a_refit_get_one_geometry_or_the_other(two_indices, tmp_p
             answered += 1
             if got not in expected.values():
                 mixed.append(got)
-        refits = int(count.read_text()) - start
+            refits = int(count.read_text()) - start
     finally:
         (target.parent / "stop").touch()
         writer.wait(timeout=120)

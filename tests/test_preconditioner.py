@@ -176,7 +176,7 @@ def test_switching_needs_no_gradient_and_is_saved_checked_and_undone(built, tmp_
     assert (reopened.config.preconditioning, reopened.config.preconditioning_damping) == ("centered-kernel", 0.1)
     (ids, scores), (memory_ids, memory_scores) = (i.search(queries[0], top_k=5, exact=True) for i in (reopened, index))
     assert ids == memory_ids
-    np.testing.assert_allclose(scores, memory_scores, rtol=1e-5)
+    np.testing.assert_allclose(scores, memory_scores, rtol=1e-5, atol=1e-4)
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert PRECONDITIONER_NAME in manifest["files"]
     index.refit("none")
@@ -197,7 +197,7 @@ def test_a_read_only_index_refits_in_memory_and_saves_the_new_files(built, tmp_p
     assert saved.config.preconditioning == "kernel" and PRECONDITIONER_NAME in saved.files()
     (ids, scores), (memory_ids, memory_scores) = saved.search(queries[3], top_k=4), readonly.search(queries[3], top_k=4)
     assert ids == memory_ids
-    np.testing.assert_allclose(scores, memory_scores, rtol=1e-5)  # a loaded copy's tensors are laid out anew
+    np.testing.assert_allclose(scores, memory_scores, rtol=1e-5, atol=1e-4)  # a loaded copy's tensors are laid out anew
 
 
 def test_the_preconditioner_round_trips_through_the_hub(built, local_hub, tmp_path):
@@ -211,7 +211,7 @@ def test_the_preconditioner_round_trips_through_the_hub(built, local_hub, tmp_pa
         for exact in (False, True):
             (ids, scores), (local_ids, local_scores) = (i.search(query, top_k=4, exact=exact) for i in (loaded, index))
             assert ids == local_ids
-            np.testing.assert_allclose(scores, local_scores, rtol=1e-5)
+            np.testing.assert_allclose(scores, local_scores, rtol=1e-5, atol=1e-4)
 
 
 def test_a_damaged_or_foreign_preconditioner_is_refused(built, tmp_path):
