@@ -70,6 +70,18 @@ def best_time(fn: Callable[[], Any], repeats: int = 3, min_seconds: float = 0.0)
     return min(times)
 
 
+def paired_best_times(functions: Sequence[Callable[[], Any]], repeats: int = 3) -> list[float]:
+    """:func:`best_time` of each function, their runs interleaved (a, b, a, b, ...), so that a change in the
+    machine's load during the measurement reaches every function alike."""
+    times = [float("inf")] * len(functions)
+    for _ in range(repeats):
+        for index, fn in enumerate(functions):
+            start = time.perf_counter()
+            fn()
+            times[index] = min(times[index], time.perf_counter() - start)
+    return times
+
+
 def _status_kib(field: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():

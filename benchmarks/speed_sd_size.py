@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
 
-from common import markdown_table
-from tiny_models import add_lora, tiny_stable_diffusion_components
+from common import best_time, markdown_table
+from tiny_models import add_lora, make_caption_dataset, tiny_stable_diffusion_components
 
 GIB = 2**30
+ATTRIBUTE_ROWS = 4  # rows of the index that ``attribute()`` is timed on
 
 #: Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), the fields that differ
 #: from diffusers' defaults
@@ -44,9 +47,10 @@ SD15_UNET_CONFIG = {
 }
 
 
-def sd15_pipeline(lora_rank: int | None, device: str) -> StableDiffusionPipeline:
+def sd15_pipeline(lora_rank: int | None, device: str) -> dm.DMinStableDiffusionPipeline:
     """A Stable Diffusion pipeline whose UNet is SD 1.5's (random weights); the VAE and text encoder are tiny,
-    since the benchmark feeds latents and prompt embeddings directly."""
+    since the benchmark feeds latents and prompt embeddings directly (``attribute`` encodes its image with the tiny
+    VAE to the same 64x64 latents)."""
     components = tiny_stable_diffusion_components()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -54,7 +58,9 @@ def sd15_pipeline(lora_rank: int | None, device: str) -> StableDiffusionPipeline
     if lora_rank is not None:
         add_lora(unet, rank=lora_rank)
     components["unet"] = unet
-    return StableDiffusionPipeline(**components, requires_safety_checker=False).to(device)
+    tiny_text = components["text_encoder"].config  # the UNet attends to 768-wide prompt embeddings
+    components["text_encoder"] = CLIPTextModel(CLIPTextConfig.from_dict({**tiny_text.to_dict(), "hidden_size": 768}))
+    return dm.DMinStableDiffusionPipeline(**components, requires_safety_checker=False).to(device)
 
 
 def _rss_kib(field: str) -> int:
@@ -103,41 +109,55 @@ def plain_steps(sketcher: GradientSketcher, examples: list[PreparedExample], bat
             p.grad = None
 
 
+def attribute_latency(pipe, config: dm.DMinConfig, rows: int, batch_bytes: int) -> tuple[float, float, float]:
+    """``(seconds to cache rows, first attribute(), later attribute())`` on an index of ``rows`` generated rows."""
+    dataset = make_caption_dataset(rows, size=config.resolution)
+    with tempfile.TemporaryDirectory(prefix="dmin-sd-size-") as directory:
+        start = time.perf_counter()
+        pipe.build_attribution_index(dataset, directory, config=config, progress=False, batch_bytes=batch_bytes)
+        build = time.perf_counter() - start
+        query, prompt = dataset[0]["image"], dataset[0]["text"]
+        first = best_time(lambda: pipe.attribute(query, prompt, top_k=rows), 1)
+        later = best_time(lambda: pipe.attribute(query, prompt, top_k=rows), 3)
+    return build, first, later
+
+
 def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_gib: float) -> list[str]:
     """One row of the table, measured in this process."""
     pipe = sd15_pipeline(rank, device)
     family = detect_family(pipe)
     config = resolve_config(dm.DMinConfig(num_timesteps=num_timesteps, projection_dim=4096), family)
-    sketcher = GradientSketcher(family, config, batch_bytes=int(batch_gib * GIB))
+    batch_bytes = int(batch_gib * GIB)
+    start = time.perf_counter()
+    sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
+    for index in range(len(sketcher.parameters)):  # derive (and keep, if they fit) the compressor's codes
+        sketcher.projector._parameter_codes(index, torch.device(device))
+    code_seconds = time.perf_counter() - start
+    with_vmap = GradientSketcher(family, config, batch_bytes=batch_bytes, per_sample="vmap",
+                                 projector=sketcher.projector)
     generator = torch.Generator().manual_seed(0)
     example = PreparedExample(
         latents=torch.randn(1, 4, 64, 64, generator=generator).to(device),
         conditioning={"encoder_hidden_states": torch.randn(1, 77, 768, generator=generator).to(device)},
     )
-    tracked = sketcher.projector.total
-    start = time.perf_counter()
-    for index in range(len(sketcher.parameters)):  # derive (and cache, if they fit) the compressor's codes
-        sketcher.projector._parameter_codes(index, torch.device(device))
-    code_seconds = time.perf_counter() - start
-    cached = sketcher.projector._cache_codes[torch.device(device)]
-    batch = sketcher._measure_batch_samples(example)
-    sketcher._batch_samples = batch
     per = 1.0 / num_timesteps
     plain, plain_peak = timed_peak(lambda: plain_steps(sketcher, [example], 1), device)
     sequential, sequential_peak = timed_peak(lambda: sketcher.sketch_sequential(example), device)
-    row = [name, f"{tracked:,}", f"{plain * per:.2f}", f"{plain_peak:.2f}", f"{sequential * per:.2f}",
+    row = [name, f"{sketcher.projector.total:,}", f"{plain * per:.2f}", f"{plain_peak:.2f}", f"{sequential * per:.2f}",
            f"{sequential_peak:.2f}", f"{sequential / plain:.2f}x"]
-    if batch > 1:
-        batch = min(batch, num_timesteps)
-        sketcher._batch_samples = batch
-        plain_batch, _ = timed_peak(lambda: plain_steps(sketcher, [example], batch), device)
-        batched, batched_peak = timed_peak(lambda: sketcher.sketch_many([example]), device)
-        row += [str(batch), f"{plain_batch * per:.2f}", f"{batched * per:.2f}", f"{batched_peak:.2f}",
-                f"{batched / plain_batch:.2f}x", f"{sequential / batched:.2f}x"]
-    else:
-        row += ["1 (over the budget)", "", "", "", "", ""]
-    code_gib = 4 * tracked / GIB
-    row.append(f"{'cached' if cached else 'recomputed'}, {code_gib:.2f} GiB, {code_seconds:.1f} s to derive")
+    for batched_sketcher in (sketcher, with_vmap):
+        batched_sketcher.sketch_many([example])  # measures the batch size (and checks the per-layer path)
+        batch = min(batched_sketcher.batch_samples, num_timesteps)
+        if batch > 1:  # the row's timesteps go in batches of this size
+            plain_batch, _ = timed_peak(lambda: plain_steps(sketcher, [example], batch), device)
+            batched, peak = timed_peak(lambda: batched_sketcher.sketch_many([example]), device)
+            row += [str(batch), f"{batched * per:.2f}", f"{peak:.2f}", f"{batched / plain_batch:.2f}x",
+                    f"{sequential / batched:.2f}x"]
+        else:
+            row += ["1 (over the budget)", "", "", "", ""]
+    build, first, later = attribute_latency(pipe, config, ATTRIBUTE_ROWS, batch_bytes)
+    row += [f"{build / (ATTRIBUTE_ROWS * num_timesteps):.2f}", f"{first:.2f}", f"{later:.2f}",
+            f"{4 * sketcher.projector.total / GIB:.2f} GiB, {code_seconds:.1f} s"]
     print(row, flush=True)
     return row
 
@@ -154,13 +174,19 @@ def sd_size_table(device: str = "cpu", num_timesteps: int = 2, batch_gib: float 
     header = (
         f"Stable Diffusion 1.5's UNet (random weights from its config), 64x64 latents, one row, T = {num_timesteps} "
         f"timesteps, K = 4096, device {device}, torch threads {torch.get_num_threads()}; one run of each, times "
-        f"per (row, timestep). Batch budget {batch_gib:g} GiB (the per-sample gradients and the activations "
-        "autograd keeps, measured on the row). Peak: memory added while the measurement ran (resident memory on "
-        "the CPU, allocated memory on CUDA). The compressor's codes are derived once per process.\n\n"
+        f"per (row, timestep). Batch budget {batch_gib:g} GiB (per sample, measured on the row: the activations "
+        "autograd keeps, and the per-sample gradients: every parameter's with vmap, one layer's at a time per "
+        "layer). Batched paths: per layer (the default) and `torch.func.vmap` (before issue 20), each against a "
+        "plain forward + backward of the same batch. Peak: memory added while the measurement ran (resident "
+        f"memory on the CPU, allocated memory on CUDA). `attribute()`: an index of {ATTRIBUTE_ROWS} rows built "
+        "with `build_attribution_index` (caching time per (row, timestep)), then exact top-k queries of a row.\n\n"
     )
+    paths = [h for path in ("per layer", "vmap") for h in (
+        f"{path}: batch (samples)", f"DMin {path} (s)", "peak (GiB)", f"{path} / plain batch",
+        f"one-at-a-time / {path}")]
     return header + markdown_table(
         ["tracked", "tracked params", "plain fwd+bwd (s)", "peak (GiB)", "DMin one-at-a-time (s)", "peak (GiB)",
-         "one-at-a-time / plain", "batch (samples)", "plain fwd+bwd of the batch (s)", "DMin batched (s)",
-         "peak (GiB)", "batched / plain batch", "one-at-a-time / batched", "compressor codes"],
+         "one-at-a-time / plain", *paths, "build_attribution_index (s)", "first attribute() (s)",
+         "later attribute() (s)", "compressor codes (size, derivation)"],
         rows,
     )

@@ -1,10 +1,12 @@
 """Per-sample gradients over the ``T`` timesteps, compressed into the sketch.
 
-Two paths give the same vectors (to float tolerance). Batched: the samples of one or more examples go through
-one ``torch.func.vmap(torch.func.grad(...))`` call and each per-sample gradient is added to its own sketch.
-One at a time: each tracked parameter gets a post-accumulate-grad hook that adds its gradient to the sketch and
-to the squared norm, then frees it, so at most one parameter's gradient exists at a time; the flattened gradient
-is never built on either path.
+Three paths give the same vectors (to float tolerance). Per layer (the default where every tracked parameter is
+a weight or bias of a linear, convolution or normalisation layer, LoRA included): one plain batched forward and
+backward, each sample's gradient contracted per layer from the layer's input and output gradient
+(:mod:`~dmin_diffusers.per_layer`). Batched with ``torch.func``: the samples go through one
+``vmap(grad(...))`` call. One at a time: each tracked parameter gets a post-accumulate-grad hook that adds its
+gradient to the sketch and to the squared norm, then frees it, so at most one parameter's gradient exists at a
+time. The flattened gradient is never built on any path.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fi
 from .inputs import ImageInput
 from .model_state import adapter_fingerprint, model_lock
 from .objectives import spread_timesteps
+from .per_layer import LayerRecorder, plan_layers
 from .sketch import SketchProjector
 
 NamedParameters = list[tuple[str, torch.nn.Parameter]]
@@ -181,16 +184,26 @@ class _Prediction(torch.nn.Module):
 DEFAULT_BATCH_BYTES = 1 << 30
 #: at most this many (row, timestep) samples per batched backward: beyond it the CPU gains nothing measurable
 MAX_BATCH_SAMPLES = 128
+#: per-sample gradients of parameters smaller than this (elements per sample) are sketched together
+SKETCH_GROUP_ELEMENTS = 1 << 16
+#: ways of computing per-sample gradients in a batch (``GradientSketcher(per_sample=...)``)
+PER_SAMPLE_PATHS = ("auto", "per-layer", "vmap")
+#: the per-layer path is kept when its first example's vectors have at least this cosine with the one-at-a-time
+#: path's (a layer used outside its own forward, or a batch split the rules do not expect, falls far below)
+PER_LAYER_AGREEMENT = 0.9999
 
 
 class GradientSketcher:
     """Computes the ``(T, K)`` DMin vectors of examples for one pipeline and one resolved config.
 
     The ``T`` timesteps of an example (and several examples, see :meth:`sketch_many`) are differentiated in one
-    batched forward and backward with ``torch.func`` (``vmap`` of ``grad``), each sample's gradient sketched and
-    normalised on its own. ``batch_bytes`` bounds the memory of one batch (the per-sample gradients and the
-    activations autograd keeps, measured on the first example); ``0``, or a model that ``vmap`` cannot batch,
-    takes the one-at-a-time path (:meth:`sketch_sequential`), whose memory is one gradient of one parameter.
+    batched forward and backward, each sample's gradient sketched and normalised on its own. ``per_sample``
+    picks how the batch's per-sample gradients are formed: ``"per-layer"`` contracts each layer's input with its
+    output gradient (:mod:`~dmin_diffusers.per_layer`), ``"vmap"`` uses ``torch.func``; ``"auto"`` (default)
+    takes the per-layer path where it covers every tracked parameter and its first example agrees with the
+    one-at-a-time path, else ``vmap``. ``batch_bytes`` bounds the memory of one batch (measured on the first
+    example); ``0``, or a model that neither path can batch, takes the one-at-a-time path
+    (:meth:`sketch_sequential`), whose memory is one gradient of one parameter.
     """
 
     def __init__(
@@ -200,11 +213,14 @@ class GradientSketcher:
         code_cache_bytes: int | None = None,
         batch_bytes: int = DEFAULT_BATCH_BYTES,
         projector: SketchProjector | None = None,
+        per_sample: str = "auto",
     ):
         if not config.is_resolved:
             raise ValueError("the config must be resolved against the pipeline first")
         if batch_bytes < 0:
             raise ValueError(f"batch_bytes must be >= 0, got {batch_bytes}")
+        if per_sample not in PER_SAMPLE_PATHS:
+            raise ValueError(f"per_sample must be one of {PER_SAMPLE_PATHS}, got {per_sample!r}")
         self.family = family
         self.config = config
         self.parameters = select_tracked_parameters(family.denoiser, config.tracked_parameters)
@@ -217,6 +233,12 @@ class GradientSketcher:
         self.projector = projector  # ``projector``: one made before for the same sizes, whose codes are reused
         self.batch_bytes = batch_bytes
         self._batch_samples: int | None = None if batch_bytes else 1
+        plan = None if per_sample == "vmap" else plan_layers(family.denoiser, [name for name, _ in self.parameters])
+        if plan is None and per_sample == "per-layer":
+            raise ValueError("per_sample='per-layer': a tracked parameter is not the weight or bias of a linear, "
+                             "convolution or normalisation layer")
+        self._recorder = None if plan is None else LayerRecorder(plan)
+        self._per_layer_checked = per_sample == "per-layer"  # "auto" compares its first example once
         self._prediction = _Prediction(family)
         self._noise: list[torch.Tensor] = []
         self._accumulator: torch.Tensor | None = None
@@ -254,11 +276,15 @@ class GradientSketcher:
 
     def _reduce(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The output function of a prediction of ``noise_draws`` copies, averaged over the draws."""
+        return self._reduce_samples(prediction[None], target[None])[0]
+
+    def _reduce_samples(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """:meth:`_reduce` of each sample of ``(samples, noise_draws, ...)`` predictions: ``(samples,)``."""
         if self.config.output_function == "squared_norm":
-            return prediction.square().sum() / prediction.shape[0]
+            return prediction.square().flatten(1).sum(dim=1) / prediction.shape[1]
         if self.config.output_function == "mean":
-            return prediction.mean()
-        return F.mse_loss(prediction, target)
+            return prediction.flatten(1).mean(dim=1)
+        return (prediction - target).square().flatten(1).mean(dim=1)
 
     @_exclusive
     def output(self, example: PreparedExample, position: int) -> torch.Tensor:
@@ -320,28 +346,65 @@ class GradientSketcher:
             return torch.zeros(0, len(self.config.timesteps), self.config.projection_dim)
         if self._batch_samples is None:
             self._batch_samples = self._measure_batch_samples(examples[0])
+        if self._batch_samples > 1 and not self._per_layer_checked:
+            self._check_per_layer(examples[0])
         if self._batch_samples <= 1:
             return torch.stack([self.sketch_sequential(example) for example in examples])
         positions = range(len(self.config.timesteps))
         samples = [(example, position) for example in examples for position in positions]
         try:
-            rows = []
-            for start in range(0, len(samples), self._batch_samples):
-                batch = samples[start : start + self._batch_samples]
-                padding = self._batch_samples - len(batch) if same_size_batches else 0
-                rows.append(self._sketch_batch(batch + batch[-1:] * padding)[: len(batch)])
-        except Exception as error:  # noqa: BLE001 - whatever vmap refuses, the sequential path computes the same
+            rows = self._sketch_samples(samples, same_size_batches)
+        except Exception as error:  # noqa: BLE001 - whatever a batched path refuses, the others compute the same
+            self._fall_back(error)
+            return self.sketch_many(examples, same_size_batches)
+        return rows.reshape(len(examples), len(positions), -1)
+
+    def _sketch_samples(self, samples: list[tuple[PreparedExample, int]], same_size_batches: bool) -> torch.Tensor:
+        """``(len(samples), K)`` sketches, in batches of :attr:`batch_samples`."""
+        rows = []
+        for start in range(0, len(samples), self._batch_samples):
+            batch = samples[start : start + self._batch_samples]
+            padding = self._batch_samples - len(batch) if same_size_batches else 0
+            batch = batch + batch[-1:] * padding
+            sketches = self._sketch_per_layer(batch) if self._recorder else self._sketch_batch(batch)
+            rows.append(sketches[: len(batch) - padding])
+        return torch.cat(rows)
+
+    def _fall_back(self, error: Exception) -> None:
+        """Leaves the batched path that failed: per layer for ``vmap``, ``vmap`` for one at a time."""
+        if self._recorder is not None:
+            logger.warning("per-sample gradients could not be formed per layer (%s: %s); using torch.func.vmap",
+                           type(error).__name__, error)
+            self._recorder = None
+            self._batch_samples = None
+        else:
             logger.warning(
                 "per-sample gradients could not be batched with torch.func.vmap (%s: %s); computing them one "
                 "(example, timestep) at a time", type(error).__name__, error,
             )
             self._batch_samples = 1
-            return self.sketch_many(examples, same_size_batches)
-        return torch.cat(rows).reshape(len(examples), len(positions), -1)
+
+    def _check_per_layer(self, example: PreparedExample) -> None:
+        """Keeps the per-layer path only if it gives ``example`` the one-at-a-time path's vectors (a tracked
+        layer used outside its own forward would not)."""
+        self._per_layer_checked = True
+        if self._recorder is None:
+            return
+        try:
+            batched = self._sketch_samples([(example, p) for p in range(len(self.config.timesteps))], False)
+        except Exception as error:  # noqa: BLE001 - reported, and vmap takes over
+            self._fall_back(error)
+        else:
+            agreement = float(F.cosine_similarity(batched, self.sketch_sequential(example), dim=1).min())
+            if agreement < PER_LAYER_AGREEMENT:
+                self._fall_back(ValueError(f"its vectors have cosine {agreement:.6f} with the one-at-a-time path's"))
+        if self._batch_samples is None:
+            self._batch_samples = self._measure_batch_samples(example)
 
     def _measure_batch_samples(self, example: PreparedExample) -> int:
-        """How many samples fit ``batch_bytes``: per sample, its float32 gradients of the tracked parameters and
-        the bytes of every tensor autograd saves for backward in one forward (measured here, on ``example``)."""
+        """How many samples fit ``batch_bytes``: per sample, the bytes of every tensor autograd saves for backward
+        in one forward (measured here, on ``example``) and, on the per-layer path, as many again for the output
+        gradients and one parameter's per-sample gradient; with ``vmap``, the gradients of every parameter."""
         saved = 0
 
         def count(tensor: torch.Tensor) -> torch.Tensor:
@@ -351,18 +414,54 @@ class GradientSketcher:
 
         with self._tracking(streaming=False), torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
             self.output(example, 0)
-        per_sample = saved + 4 * self.projector.total
+        sizes = self.projector.parameter_sizes
+        per_sample = 2 * saved + 4 * max(sizes) if self._recorder else saved + 4 * self.projector.total
         samples = max(1, min(MAX_BATCH_SAMPLES, self.batch_bytes // per_sample))
         timesteps = len(self.config.timesteps)
         return samples - samples % timesteps if samples >= timesteps else samples  # whole rows: no padding
 
+    def _stacked_inputs(self, samples: list[tuple[PreparedExample, int]]) -> _DenoiserInputs:
+        """The samples' inputs stacked along a new first axis: ``(samples, noise_draws, ...)``."""
+        inputs = [self._inputs(example, position) for example, position in samples]
+        return _DenoiserInputs(
+            noisy=torch.stack([i.noisy for i in inputs]),
+            model_timestep=torch.stack([i.model_timestep for i in inputs]),
+            conditioning={key: torch.stack([i.conditioning[key] for i in inputs]) for key in inputs[0].conditioning},
+            target=torch.stack([i.target for i in inputs]),
+        )
+
+    def _sketch_per_layer(self, samples: list[tuple[PreparedExample, int]]) -> torch.Tensor:
+        """``(B, K)`` normalised sketches of ``B`` samples from one plain forward and backward of the whole batch,
+        the per-sample gradients formed layer by layer."""
+        stacked = self._stacked_inputs(samples)
+        count, draws = stacked.noisy.shape[:2]
+        flat = {key: value.flatten(0, 1) for key, value in stacked.conditioning.items()}
+        with self._tracking(streaming=False), self._recorder.recording(count * draws):
+            prediction = self._prediction(stacked.noisy.flatten(0, 1), stacked.model_timestep.flatten(0, 1), flat)
+            total = self._reduce_samples(prediction.unflatten(0, (count, draws)), stacked.target).sum()
+            return self._sketch_gradients(self._recorder.gradients(total, count), count, stacked.noisy.device)
+
+    def _sketch_gradients(self, gradients, count: int, device: torch.device) -> torch.Tensor:
+        """Normalised ``(count, K)`` sketches of per-sample gradients given one ``(count, ...)`` tensor per tracked
+        parameter, in order."""
+        accumulators = self.projector.new_accumulator(device, batch=count)
+        squared_norms = torch.zeros(count, dtype=torch.float32, device=device)
+        group: list[tuple[int, torch.Tensor]] = []  # small parameters go into the sketch together
+        for index, gradient in enumerate(gradients):
+            norms = torch.linalg.vector_norm(gradient.reshape(count, -1), dim=1, dtype=torch.float32)
+            squared_norms += norms.square()
+            group.append((index, gradient))
+            if sum(g[0].numel() for _, g in group) >= SKETCH_GROUP_ELEMENTS:
+                self.projector.accumulate_batch_group(accumulators, *map(list, zip(*group)))
+                group = []
+        if group:
+            self.projector.accumulate_batch_group(accumulators, *map(list, zip(*group)))
+        sketches = self.projector.finalize(accumulators)
+        return (sketches / squared_norms.sqrt().clamp_min(1e-30)[:, None]).cpu()
+
     def _sketch_batch(self, samples: list[tuple[PreparedExample, int]]) -> torch.Tensor:
         """``(B, K)`` normalised sketches of ``B`` samples from one ``vmap(grad(...))`` call."""
-        inputs = [self._inputs(example, position) for example, position in samples]
-        noisy = torch.stack([i.noisy for i in inputs])
-        model_timestep = torch.stack([i.model_timestep for i in inputs])
-        target = torch.stack([i.target for i in inputs])
-        conditioning = {key: torch.stack([i.conditioning[key] for i in inputs]) for key in inputs[0].conditioning}
+        stacked = self._stacked_inputs(samples)
         tracked = {f"denoiser.{name}": p.detach() for name, p in self.parameters}
 
         def sample_output(params, noisy, model_timestep, conditioning, target):
@@ -373,16 +472,10 @@ class GradientSketcher:
             # vmap loops over the samples for ops without a batching rule (CPU fused attention) and says so
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet")
             gradients = torch.func.vmap(torch.func.grad(sample_output), in_dims=(None, 0, 0, 0, 0))(
-                tracked, noisy, model_timestep, conditioning, target
+                tracked, stacked.noisy, stacked.model_timestep, stacked.conditioning, stacked.target
             )
-        accumulators = self.projector.new_accumulator(noisy.device, batch=len(samples))
-        squared_norms = torch.zeros(len(samples), dtype=torch.float32, device=noisy.device)
-        for index, (name, _) in enumerate(self.parameters):
-            gradient = gradients.pop(f"denoiser.{name}")
-            self.projector.accumulate_batch(accumulators, index, gradient)
-            squared_norms += gradient.reshape(len(samples), -1).float().square().sum(dim=1)
-        sketches = self.projector.finalize(accumulators)
-        return (sketches / squared_norms.sqrt().clamp_min(1e-30)[:, None]).cpu()
+        ordered = (gradients.pop(f"denoiser.{name}") for name, _ in self.parameters)
+        return self._sketch_gradients(ordered, len(samples), stacked.noisy.device)
 
     @_exclusive
     def sketch_sequential(self, example: PreparedExample) -> torch.Tensor:

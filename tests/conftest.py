@@ -16,3 +16,9 @@ torch.set_num_threads(1)
 @pytest.fixture
 def tmp_index_dir(tmp_path):
     return tmp_path / "index"
+
+
+@pytest.fixture(autouse=True)
+def _code_cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The compressor's on-disk code cache never touches the real home directory."""
+    monkeypatch.setenv("DMIN_DIFFUSERS_CACHE", str(tmp_path_factory.getbasetemp() / "dmin-cache"))

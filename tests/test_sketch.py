@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -124,6 +125,64 @@ def test_tensor_arithmetic_matches_plain_python_integers():
         sign = _reference_hash32(_reference_hash32((position & 0xFFFFFFFF) ^ low_key) ^ (position >> 32) ^ high_key) & 1
         expected = (position // projector.group) * 2 + sign
         assert projector.codes_for_range(index, 1).item() == expected
+
+
+def _reference_code(projector, index):
+    """The code of one global index in plain Python integers (no tensors, no numpy)."""
+    permutation = projector.permutation
+    position = index
+    while True:
+        left, right = position >> permutation._half, position & permutation._mask
+        for key in permutation._keys:
+            left, right = right, left ^ (_reference_hash32(right ^ key) & permutation._mask)
+        position = (left << permutation._half) | right
+        if position < permutation.size:
+            break
+    low_key, high_key = projector._sign_keys
+    sign = _reference_hash32(_reference_hash32((position & 0xFFFFFFFF) ^ low_key) ^ (position >> 32) ^ high_key) & 1
+    return (position // projector.group) * 2 + sign
+
+
+# (sizes, K): padded sizes of odd bit length and just above a power of 4 (most positions walk), exact powers of
+# 4 (none walk), one group of 2**32 (uint64 buckets), and more than 2**32 elements (uint64 positions)
+BIT_CASES = [([10_000_000], 4096), ([1000, 7, 13], 8), ([70001], 1), ([3], 4), ([1], 1), ([1 << 20], 1024),
+             ([(1 << 22) + 5], 64), ([4**9 + 1], 2), ([1 << 32], 1), ([1 << 33, 5], 256)]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**63 - 1])
+@pytest.mark.parametrize("sizes, dim", BIT_CASES)
+def test_numpy_derivation_gives_the_bits_of_the_torch_derivation(monkeypatch, sizes, dim, seed):
+    """The CPU's numpy kernel (wrapping uint32 arithmetic, blocks, walking deferred across blocks) against the
+    int64 torch reference that other devices run, over several ranges, with blocks small enough that the
+    deferred walks are flushed part-way."""
+    monkeypatch.setattr(sketch_module, "_KERNEL_BLOCK", 256)
+    projector = SketchProjector(sizes, dim, seed)
+    total = projector.total
+    ranges = {(0, min(total, 5000)), (max(total - 3000, 0), min(total, 3000)),
+              (total // 3, min(total - total // 3, 777))}
+    for start, count in sorted(ranges):
+        new = projector.codes_for_range(start, count)
+        assert new.dtype == torch.int32 and new.shape == (count,)
+        assert torch.equal(new, projector._codes_for_range_torch(start, count)), (start, count)
+    sample = np.array(sorted({0, total - 1, total // 2, total // 7}), dtype=np.int64)
+    assert projector.codes_at(sample).tolist() == [_reference_code(projector, int(i)) for i in sample]
+
+
+def test_cpu_permutation_and_signs_give_the_bits_of_the_torch_reference():
+    for size, seed in ((70001, 3), (4096, 0), (5000, 9), (2, 1)):
+        projector = SketchProjector([size], 1, seed)
+        index = torch.arange(size)
+        assert torch.equal(projector.permutation(index), projector.permutation._call_torch(index))
+        assert torch.equal(projector.signs(index), projector._signs_torch(index))
+        assert projector.permutation(index).dtype == projector.signs(index).dtype == torch.int64
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_codes_equal_cpu_codes():
+    projector = SketchProjector([(1 << 22) + 5, 1000], 4096, seed=7)
+    cpu = projector.codes_for_range(0, projector.total)
+    cuda = projector.codes_for_range(0, projector.total, "cuda")
+    assert cuda.device.type == "cuda" and torch.equal(cuda.cpu(), cpu)
 
 
 def test_seed_changes_the_sketch_and_repeats_are_identical():
