@@ -22,10 +22,6 @@ import torch.nn.functional as F
 from diffusers.models.normalization import RMSNorm
 
 
-class UnsupportedLayerError(RuntimeError):
-    """A tracked parameter, or a call of its layer, that the per-layer rules do not cover."""
-
-
 def _channel_sums(t: torch.Tensor, samples: int) -> torch.Tensor:
     """``(samples * draws, C, ...)`` summed per sample and channel: ``(samples, C)``."""
     return t.reshape(samples, -1, t.shape[1], t[0, 0].numel()).sum(dim=(1, 3))
@@ -143,7 +139,8 @@ class LayerRecorder:
     def _keeper(self, layer: _Layer):
         def keep(module, args, output):
             if not args or args[0].shape[0] != self.batch or output.shape[0] != self.batch or not output.requires_grad:
-                raise UnsupportedLayerError(f"a {type(module).__name__} ran outside the batch, or without gradients")
+                # caught by GradientSketcher, which then takes the vmap path
+                raise RuntimeError(f"a {type(module).__name__} ran outside the batch, or without gradients")
             layer.calls.append((args[0].detach(), torch.autograd.graph.get_gradient_edge(output)))
 
         return keep
