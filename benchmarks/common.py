@@ -82,7 +82,8 @@ def paired_best_times(functions: Sequence[Callable[[], Any]], repeats: int = 3) 
     return times
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A field of Linux's ``/proc/self/status`` in KiB (``VmRSS``, ``VmHWM``, ``RssAnon``...); ``None`` elsewhere."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field + ":"):
@@ -102,9 +103,9 @@ def _child_peak(fn: Callable[[], Any], connection) -> None:
         libc.mallopt(-3, 1 << 20)
         libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-        before = _status_kib("VmRSS")
+        before = status_kib("VmRSS")
         fn()
-        connection.send(max(_status_kib("VmHWM") - before, 0) * 1024)
+        connection.send(max(status_kib("VmHWM") - before, 0) * 1024)
     except Exception:  # noqa: BLE001 - any failure means "not measurable here"
         connection.send(None)
 

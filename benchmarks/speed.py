@@ -38,7 +38,7 @@ from dmin_diffusers.store import (ROW_DIGEST, VectorStore, VectorStoreWriter, ch
                                   merge_manifests)
 
 from common import (add_common_arguments, best_time, markdown_table, paired_best_times, peak_memory_bytes, plot_path,
-                    setup_threads, write_report)
+                    setup_threads, status_kib, write_report)
 from speed_sd_size import plain_steps, sd_size_table
 from tiny_models import make_caption_dataset, tiny_pipeline
 
@@ -282,17 +282,6 @@ def write_store(directory: Path, num_rows: int, num_timesteps: int, dim: int, ce
     return VectorStore(directory)
 
 
-def _rss_anon_bytes() -> int | None:
-    """This process's anonymous resident memory (Linux ``RssAnon``; mapped shard pages are not counted)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def build_knn(store: VectorStore, num_timesteps: int, dim: int, knn_dim: int) -> KnnIndex:
     """The HNSW index as ``AttributionIndex.build_knn`` makes it by default (principal components fitted on a
     sample of the rows), on the benchmark's one thread."""
@@ -313,16 +302,17 @@ def latency_table(sizes: list[int], num_timesteps: int, dim: int, knn_dim: int, 
         start = time.perf_counter()
         store = write_store(workdir / f"store-{n}", n, num_timesteps, dim, centres)
         write_seconds = time.perf_counter() - start
-        ram_before = _rss_anon_bytes()
+        ram_before = status_kib("RssAnon")
         start = time.perf_counter()
         knn = build_knn(store, num_timesteps, dim, knn_dim)
         build_seconds = time.perf_counter() - start
-        ram_after = _rss_anon_bytes()
+        ram_after = status_kib("RssAnon")
         knn_directory = workdir / f"knn-{n}"
         knn_directory.mkdir()
         knn.save(knn_directory)
         knn_bytes = (knn_directory / KNN_NAME).stat().st_size / n
-        ram = None if ram_before is None or ram_after is None else max(ram_after - ram_before, 0) / n
+        added_kib = None if ram_before is None or ram_after is None else max(ram_after - ram_before, 0)
+        ram = None if added_kib is None else added_kib * 1024 / n  # bytes per row
         builds.append((n, build_seconds, knn_bytes, ram, store.nbytes / n))
         print(f"N = {n:,}: rows written in {write_seconds:.1f}s, HNSW built in {build_seconds:.1f}s; "
               f"{num_queries} queries...", flush=True)

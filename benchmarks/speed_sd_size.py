@@ -26,7 +26,7 @@ import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
 
-from common import best_time, markdown_table
+from common import best_time, markdown_table, status_kib
 from tiny_models import add_lora, make_caption_dataset, tiny_stable_diffusion_components
 
 GIB = 2**30
@@ -63,13 +63,6 @@ def sd15_pipeline(lora_rank: int | None, device: str) -> dm.DMinStableDiffusionP
     return dm.DMinStableDiffusionPipeline(**components, requires_safety_checker=False).to(device)
 
 
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def timed_peak(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     """``(seconds, peak GiB added)`` of one run of ``fn`` in this process."""
     if device.startswith("cuda"):
@@ -81,13 +74,13 @@ def timed_peak(fn: Callable[[], Any], device: str) -> tuple[float, float]:
         libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: large blocks go back to the system when freed
         libc.malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
-        before = _rss_kib("VmRSS") * 1024
+        before = (status_kib("VmRSS") or 0) * 1024
     start = time.perf_counter()
     fn()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _rss_kib("VmHWM") * 1024
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else (status_kib("VmHWM") or 0) * 1024
     return seconds, max(peak - before, 0) / GIB
 
 
