@@ -447,13 +447,15 @@ class GradientSketcher:
         accumulators = self.projector.new_accumulator(device, batch=count)
         squared_norms = torch.zeros(count, dtype=torch.float32, device=device)
         group: list[tuple[int, torch.Tensor]] = []  # small parameters go into the sketch together
+        group_elements = 0
         for index, gradient in enumerate(gradients):
             norms = torch.linalg.vector_norm(gradient.reshape(count, -1), dim=1, dtype=torch.float32)
             squared_norms += norms.square()
             group.append((index, gradient))
-            if sum(g[0].numel() for _, g in group) >= SKETCH_GROUP_ELEMENTS:
+            group_elements += gradient[0].numel()
+            if group_elements >= SKETCH_GROUP_ELEMENTS:
                 self.projector.accumulate_batch_group(accumulators, *map(list, zip(*group)))
-                group = []
+                group, group_elements = [], 0
         if group:
             self.projector.accumulate_batch_group(accumulators, *map(list, zip(*group)))
         sketches = self.projector.finalize(accumulators)
