@@ -148,10 +148,11 @@ class DMinConfig:
             ``"none"`` (DMin's inner product), ``"centered"`` (cosine after removing the rows' mean),
             ``"kernel"`` (TRAK's ``(ΦᵀΦ/N + λI)⁻¹``) or ``"centered-kernel"``, fitted per timestep from the
             stored rows after caching; :meth:`AttributionIndex.refit` switches an index without new gradients.
-            The default stays ``"none"``: on the digits LDS benchmark the best option
-            (``"centered-kernel"``, chosen on selection queries) was within two standard errors of it and of the
-            paper's recipe, and on the quickstart it lowered the top-10 label match from 96.7 % to 78.3 %
-            (``benchmarks/results/lds.md``, ``quickstart-scores.md``).
+            By default (``None``) the family's :attr:`~dmin_diffusers.families.PipelineFamily.default_preconditioning`,
+            recorded when the index is built: ``"centered"`` for latent models (SD, SDXL, SD3, Flux), where it beat
+            ``"none"`` on the detection benchmark's selection queries in all three latent settings beyond the seeds'
+            spread with the same LDS, and ``"none"`` for pixel-space DDPM, where every other option ranked worse
+            (``benchmarks/results/quality.md``, ``lds.md``, ``quickstart-scores.md``).
         preconditioning_damping: the kernel's ``λ`` as a fraction of each timestep's largest eigenvalue (0.01 was
             best on the LDS benchmark's selection queries).
         hnsw_m, hnsw_ef_construction: HNSW graph parameters, ``2 <= hnsw_m <= 1024`` and
@@ -188,7 +189,7 @@ class DMinConfig:
     storage_dtype: str = "float16"
     knn_dim: int | None = None
     knn_projection: str = "pca"
-    preconditioning: str = "none"
+    preconditioning: str | None = None  # None: the family's default_preconditioning
     preconditioning_damping: float = 0.01
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
@@ -231,7 +232,7 @@ class DMinConfig:
             self.guidance_scale = float(self.guidance_scale)
         if isinstance(self.preconditioning_damping, int) and not isinstance(self.preconditioning_damping, bool):
             self.preconditioning_damping = float(self.preconditioning_damping)
-        check_method(self.preconditioning, self.preconditioning_damping)
+        check_method(self.preconditioning or "none", self.preconditioning_damping)
         if not isinstance(self.center_crop, (bool, np.bool_)):
             raise ValueError(f"center_crop must be True or False, got {self.center_crop!r}")
         self.center_crop = bool(self.center_crop)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -38,6 +39,8 @@ from .config import PRECONDITIONINGS, check_method
 from .store import save_tensors_atomic
 
 __all__ = ["PRECONDITIONINGS", "PRECONDITIONER_NAME", "Preconditioner", "rows_digest"]
+
+logger = logging.getLogger(__name__)
 
 PRECONDITIONER_NAME = "preconditioner.safetensors"
 #: eigenpairs kept per timestep (at most; fewer when there are fewer rows or values)
@@ -151,13 +154,16 @@ class Preconditioner:
         return fitted
 
     def _with_row_scales(self, chunks: RowChunks) -> "Preconditioner":
-        ids, scales = [], []
+        ids, scales, degenerate = [], [], 0
         for row_ids, vectors in chunks():
             norms = self.map_rows(vectors, scaled=False).norm(dim=2)
-            if bool((norms <= 0).any()):
-                raise ValueError("a stored row equals the rows' mean at a timestep: its centred cosine is undefined")
+            at_mean = norms <= 0
+            degenerate += int(at_mean.any(dim=1).sum())
             ids.append(row_ids.to(torch.int64))
-            scales.append(1.0 / norms)
+            scales.append(1.0 / torch.where(at_mean, torch.ones_like(norms), norms))
+        if degenerate:  # a one-row index, or rows that are all alike at a timestep
+            logger.warning(f"{degenerate} stored row(s) equal the rows' mean at some timestep: their centred cosine "
+                           "is undefined there, and they score 0 at that timestep")
         row_ids, scale = torch.cat(ids), torch.cat(scales)
         order = torch.argsort(row_ids)
         return replace(self, row_ids=row_ids[order], row_scale=scale[order].float())
@@ -303,10 +309,13 @@ def rows_digest(shards: list[dict]) -> str:
 
 
 def _safe_norm(mapped: torch.Tensor) -> torch.Tensor:
+    """The per-timestep norms of a mapped query, 1 where it is zero (every row then scores 0 at that timestep)."""
     norms = mapped.norm(dim=-1, keepdim=True)
-    if bool((norms <= 0).any()):
-        raise ValueError("the query equals the rows' mean at a timestep: its preconditioned score is undefined")
-    return norms
+    at_mean = norms <= 0
+    if bool(at_mean.any()):
+        logger.warning(f"the query equals the rows' mean at {int(at_mean.sum())} timestep(s): its preconditioned "
+                       "score is undefined there, and every row scores 0 at them")
+    return torch.where(at_mean, torch.ones_like(norms), norms)
 
 
 def _as_chunks(rows: torch.Tensor | RowChunks) -> RowChunks:

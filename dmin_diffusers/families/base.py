@@ -36,6 +36,9 @@ class PipelineFamily:
         denoiser_name: the pipeline component that is trained (``"unet"`` or ``"transformer"``).
         takes_prompt: whether images come with a prompt (``False`` for unconditional models).
         default_max_sequence_length: the T5 prompt length of the family's training scripts (T5 families only).
+        default_preconditioning: ``DMinConfig.preconditioning`` when the config leaves it unset, chosen per kind of
+            model on the detection benchmark's selection queries (``benchmarks/results/quality.md``, "Choice of the
+            default preconditioning"): ``"none"`` for pixel-space models, ``"centered"`` for latent ones.
         training_scripts: diffusers' training scripts for the family (for the documentation).
     """
 
@@ -45,6 +48,7 @@ class PipelineFamily:
     denoiser_name: ClassVar[str] = "unet"
     takes_prompt: ClassVar[bool] = True
     default_max_sequence_length: ClassVar[int | None] = None
+    default_preconditioning: ClassVar[str] = "none"
     training_scripts: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, pipeline: Any):
@@ -73,9 +77,11 @@ class PipelineFamily:
         raise NotImplementedError
 
     def resolved_settings(self, config: DMinConfig) -> dict[str, Any]:
-        """Config fields whose defaults depend on the family (the T5 prompt length, the guidance value)."""
+        """Config fields whose defaults depend on the family (the T5 prompt length, the guidance value, the
+        preconditioning)."""
         return {"max_sequence_length": config.max_sequence_length or self.default_max_sequence_length,
-                "guidance_scale": None}
+                "guidance_scale": None,
+                "preconditioning": config.preconditioning or self.default_preconditioning}
 
     def objective(self, name: str | None = None):
         """The training objective, from the pipeline's scheduler config (``name`` overrides the choice)."""
@@ -110,6 +116,8 @@ def sample_size(config: Any) -> int:
 
 class LatentFamily(PipelineFamily):
     """Latent diffusion: images go through the VAE (latent mean, shifted and scaled as the training scripts do)."""
+
+    default_preconditioning = "centered"
 
     @property
     def resolution_multiple(self) -> int:
