@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import dmin_diffusers as dm
-from dmin_diffusers.families import detect_family
+from dmin_diffusers.families import detect_family, family_named
 from dmin_diffusers.gradients import GradientSketcher, resolve_config
 from dmin_diffusers.preconditioner import PRECONDITIONINGS, Preconditioner
 
@@ -218,11 +218,18 @@ def timestep_rows(data: LdsData, plan: Plan, best: dict[str, str], methods: dict
     return rows
 
 
-def notes() -> list[str]:
+def default_note(family_name: str) -> str:
+    """Which row is what ``DMinConfig()`` gives for a pipeline of ``family_name``."""
+    output_function = dm.DMinConfig().output_function
+    preconditioning = family_named(family_name).default_preconditioning
+    recipe = next(name for name, fields in RECIPES.items() if fields["output_function"] == output_function)
+    return (f"DMinConfig()'s default for a {family_name} pipeline: output_function={output_function!r}, "
+            f"preconditioning={preconditioning!r} (the row \"{recipe}: {preconditioning}\")")
+
+
+def notes(family_name: str) -> list[str]:
     """What the reader must know about how the rows were scored."""
-    defaults = dm.DMinConfig()
-    out = [f"DMinConfig()'s default: output_function={defaults.output_function!r}, "
-           f"preconditioning={defaults.preconditioning!r} (the row \"squared-norm: none\")",
+    out = [default_note(family_name),
            "every option fitted with Preconditioner.fit on the float16 stored rows, as an index fits it"]
     return out + _row_note()
 
@@ -257,7 +264,7 @@ def score_setting(setting: str, plan: Plan, results_dir: Path | None, cache: Pat
     grid = timestep_rows(data, plan, best, methods, cache, log)
     results = {"setting": setting, "quick": plan.queries_per_set is not None, "plan": plan.__dict__, "setup": data.setup,
                "query_sets": data.query_sets, "losses": data.losses.tolist(), "masks_count": int(data.masks.shape[0]),
-               "methods": methods, "best": best, "timestep_grid": grid, "notes": data.notes + notes(),
+               "methods": methods, "best": best, "timestep_grid": grid, "notes": data.notes + notes(detect_family(data.pipe).name),
                "seconds": time.perf_counter() - began}
     path = results_file(setting, plan.queries_per_set is not None, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)

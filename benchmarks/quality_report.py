@@ -9,7 +9,11 @@ from pathlib import Path
 import numpy as np
 
 from common import RESULTS_DIR, markdown_table, plot_path, write_report
+from dmin_diffusers.families import family_named
+from dmin_diffusers.families.base import LatentFamily
 from lds_report import summary_table
+from quality_scores import PRECONDITIONED
+from quality_setups import SETTING_FAMILIES
 
 HEADLINE_KS = ("5", "10")
 REFERENCE_METHOD = "DMin exact, K=2^12"  # the package's default K = 4096
@@ -129,6 +133,40 @@ def choice_section(saved: dict, default: str) -> str:
     return text
 
 
+def preconditioning_choice_section(saved: dict, default: str) -> str:
+    """Selection queries, the default recipe's rows at K = 4096: every preconditioning per setting, averaged over
+    the settings of each kind of model (pixel or latent, as the family says), against ``"none"``; the best per kind
+    and the package's default for it (``PipelineFamily.default_preconditioning``)."""
+    methods = {"none": REFERENCE_METHOD} | {name: f"{REFERENCE_METHOD}, {name}" for name in PRECONDITIONED}
+    kinds: dict[str, list[str]] = {}
+    for mode in saved:
+        kind = "latent" if issubclass(family_named(SETTING_FAMILIES[mode]), LatentFamily) else "pixel"
+        kinds.setdefault(kind, []).append(mode)
+    rows, lines = [], []
+    for kind, modes in kinds.items():
+        values = {name: {mode: seed_values(saved[mode]["recipes"][default], "selection", method, "5")
+                         for mode in modes} for name, method in methods.items()}
+        for name, per_mode in values.items():
+            cells = []
+            for mode in saved:
+                if mode not in per_mode:
+                    cells.append("")
+                    continue
+                base = values["none"][mode]
+                difference, spread_of = per_mode[mode].mean() - base.mean(), max(per_mode[mode].std(), base.std())
+                mark = "" if name == "none" else f" ({verdict(difference, spread_of)})"
+                cells.append(spread(per_mode[mode]) + mark)
+            rows.append([kind, name] + cells + [f"{np.mean([v.mean() for v in per_mode.values()]):.3f}"])
+        best = max(values, key=lambda name: np.mean([v.mean() for v in values[name].values()]))
+        chosen = sorted({family_named(SETTING_FAMILIES[mode]).default_preconditioning for mode in modes})
+        lines.append(f"- {kind} models ({', '.join(modes)}): best mean **{best}**; the package's default for their "
+                     f"families: **{', '.join(chosen)}**")
+    table = markdown_table(["models", "preconditioning"] + [f"{mode} mean top-5" for mode in saved]
+                           + ["mean over the kind's settings"], rows)
+    return (f"{table}\n\nRecipe: {default}; the verdict against \"none\" in each setting is by the seeds' spread.\n"
+            + "\n".join(lines))
+
+
 def plot_headline(saved: dict, path: Path, default: str) -> None:
     """Mean detection rate over the groups against k, on the evaluation queries, with the seeds' spread."""
     import matplotlib
@@ -206,6 +244,8 @@ def write_quality_report(saved: dict, quick: bool, results_dir: Path | None, rec
     for mode, results in saved.items():
         sections.append((f"Recipe grid, {mode} (selection queries, {REFERENCE_METHOD})", grid_table(results)))
     sections.append(("Choice of the default recipe", choice_section(saved, default)))
+    if all(mode in SETTING_FAMILIES for mode in saved):
+        sections.append(("Choice of the default preconditioning", preconditioning_choice_section(saved, default)))
     for mode, results in saved.items():
         if "self_retrieval" in next(iter(results["recipes"]["paper"]["seeds"].values())):
             sections.append((f"Self-retrieval, {mode} (each instance row attributed with its own prompt)",

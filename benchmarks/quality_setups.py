@@ -372,3 +372,6 @@ def build_digits(sizes: Sizes) -> Setup:
 
 
 BUILDERS = {"t2i-lora": build_t2i_lora, "t2i": build_t2i, "digits": build_digits, "dreambooth": build_dreambooth}
+#: the pipeline family each setting's model belongs to (what decides the package's default preconditioning)
+SETTING_FAMILIES = {"t2i-lora": "stable-diffusion", "t2i": "stable-diffusion", "dreambooth": "stable-diffusion",
+                    "digits": "ddpm"}
