@@ -12,13 +12,10 @@ from dmin_diffusers.gradients import DEFAULT_BATCH_BYTES
 from dmin_diffusers.config import DMinConfig, require_config
 from dmin_diffusers.index import AttributionIndex
 from dmin_diffusers.mixin import enable_attribution
+from dmin_diffusers.setting_arguments import chosen_settings
 from dmin_diffusers.training_data import INDEX_SUBFOLDER, dataset_reference, load_training_dataset
 
 logger = logging.getLogger(__name__)
-#: DMinConfig fields a training script can set as ``args.dmin_<field>``
-RECIPE_ARGUMENTS = ("num_timesteps", "projection_dim", "seed", "output_function", "timestep_spacing", "noise",
-                    "noise_draws", "preconditioning", "preconditioning_damping")
-
 
 class GradientCacheCallback:
     """Caches compressed per-sample loss gradients of the training set once training has finished.
@@ -57,24 +54,15 @@ class GradientCacheCallback:
         resize bilinearly, :class:`DMinConfig`'s default),
         ``image_column``, ``caption_column``, ``max_sequence_length`` and ``guidance_scale`` (SD3 and Flux scripts),
         the dataset arguments and ``seed``; the index goes to ``<output_dir>/dmin-index``. Optional ``dmin_<field>``
-        attributes for the fields of ``RECIPE_ARGUMENTS`` (``dmin_num_timesteps``, ``dmin_output_function``, ...;
-        or keyword overrides of the constructor) change the DMin settings; the others keep :class:`DMinConfig`'s
-        defaults. Caching always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say:
+        attributes for the other :class:`DMinConfig` settings (``dmin_num_timesteps``, ``dmin_output_function``,
+        ...: :func:`~dmin_diffusers.setting_arguments.chosen_settings`; or keyword overrides of the constructor)
+        change the DMin settings; the others keep :class:`DMinConfig`'s defaults. Caching always center-crops and never flips, whatever ``center_crop`` / ``random_flip`` say:
         attribution must be deterministic.
         """
         get = lambda name, default=None: getattr(args, name, default)  # noqa: E731
         if not get("center_crop", True) or get("random_flip", False):
             logger.info("DMin caching uses a center crop and no flip (deterministic), unlike the random training augmentations")
-        chosen = {name: get(f"dmin_{name}") for name in RECIPE_ARGUMENTS if get(f"dmin_{name}") is not None}
-        if get("image_interpolation_mode") is not None:
-            chosen["image_interpolation_mode"] = get("image_interpolation_mode")
-        config = DMinConfig(
-            **chosen,
-            resolution=get("resolution"),
-            max_sequence_length=get("max_sequence_length"),
-            guidance_scale=get("guidance_scale"),
-            base_model=get("pretrained_model_name_or_path"),
-        )
+        config = DMinConfig(**chosen_settings(args))
         dataset_args = {
             name: get(name)
             for name in ("dataset_name", "dataset_config_name", "train_data_dir", "instance_data_dir",

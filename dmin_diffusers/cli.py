@@ -27,15 +27,13 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError
 
 from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset
-from .config import (
-    INTERPOLATION_MODES, KNN_PROJECTIONS, NOISE_MODES, OUTPUT_FUNCTIONS, PRECONDITIONINGS, STORAGE_DTYPES,
-    TIMESTEP_SPACINGS, DMinConfig,
-)
+from .config import SCORING_FIELDS, DMinConfig
 from .gradients import DEFAULT_BATCH_BYTES
 from .index import AttributionIndex
 from .inputs import open_image
 from .locks import IndexBusyError
 from .mixin import DEFAULT_TOP_K, enable_attribution
+from .setting_arguments import add_setting_arguments, chosen_settings
 from .training_data import INDEX_SUBFOLDER
 
 logger = logging.getLogger(__name__)
@@ -96,6 +94,11 @@ SCRIPT_DEFAULTS: dict[str, dict[str, object]] = {
     "flux": {"resolution": 512, "image_interpolation_mode": "bilinear"},
     "ddpm": {"image_interpolation_mode": "bilinear"},
 }
+SCRIPT_DEFAULT_NOTES = {
+    "resolution": " Left out: the family's training scripts' (SD 512, SDXL 1024, SD3 and Flux 512, DDPM the model's).",
+    "image_interpolation_mode": " Left out: the family's training scripts' (lanczos for SD and SDXL, bilinear for the "
+                                "others).",
+}
 
 
 def _add_pipeline_arguments(parser: argparse.ArgumentParser, model_help: str | None = None) -> None:
@@ -152,15 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--cache_dir", default=None)
     cache.add_argument("--image_column", default=DEFAULT_IMAGE_COLUMN)
     cache.add_argument("--caption_column", default=DEFAULT_CAPTION_COLUMN)
-    cache.add_argument("--resolution", type=int, default=None,
-                       help="the training resolution (default: that of the family's training scripts: 512, SDXL "
-                       "1024, DDPM the model's size)")
     cache.add_argument("--center_crop", action="store_true",
                        help="accepted for compatibility: caching always center-crops")
     cache.add_argument("--random_flip", action="store_true", help="accepted for compatibility: caching never flips")
-    cache.add_argument("--image_interpolation_mode", default=None, choices=list(INTERPOLATION_MODES),
-                       help="the resize filter of the training run (default: that of the family's training scripts: "
-                       "lanczos for SD and SDXL, bilinear for the others)")
     cache.add_argument("--prediction_type", default=None,
                        help="the training script's option: must match the pipeline's scheduler (its training target)")
     cache.add_argument("--max_train_samples", type=int, default=None)
@@ -170,26 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                        f"and, without --lora_weights, the LoRA is <output_dir>/{LORA_WEIGHTS_NAME} when it is there")
     cache.add_argument("--index_dir", default=None,
                        help=f"directory of the attribution index (default: <output_dir>/{INDEX_SUBFOLDER})")
-    # DMin settings: None leaves DMinConfig's default, so the defaults live in one place
-    cache.add_argument("--num_timesteps", type=int, default=None)
-    cache.add_argument("--projection_dim", type=int, default=None)
-    cache.add_argument("--knn_dim", type=int, default=None, help="HNSW values per timestep (default 64)")
-    cache.add_argument("--knn_projection", default=None, choices=list(KNN_PROJECTIONS),
-                       help="how rows become HNSW vectors (default pca)")
-    _add_preconditioning_arguments(cache)
-    cache.add_argument("--max_sequence_length", type=int, default=None,
-                       help="T5 prompt length (SD3, Flux; default: that of the family's training scripts)")
-    cache.add_argument("--guidance_scale", type=float, default=None,
-                       help="guidance given to a transformer with a guidance embedding (Flux.1 dev; default 3.5)")
-    cache.add_argument("--dmin_seed", type=int, default=None, help="seed of the fixed noise and the compressor")
-    cache.add_argument("--storage_dtype", default=None, choices=list(STORAGE_DTYPES))
-    cache.add_argument("--tracked_parameters", nargs="*", default=None, help="fnmatch patterns of parameter names")
-    cache.add_argument("--shard_size", type=int, default=None)
-    cache.add_argument("--output_function", default=None, choices=list(OUTPUT_FUNCTIONS),
-                       help="what the gradient is taken of (DMinConfig.output_function)")
-    cache.add_argument("--timestep_spacing", default=None, choices=list(TIMESTEP_SPACINGS))
-    cache.add_argument("--noise", default=None, choices=list(NOISE_MODES))
-    cache.add_argument("--noise_draws", type=int, default=None)
+    # DMin settings, from their declarations (None leaves DMinConfig's default)
+    add_setting_arguments(cache, notes=SCRIPT_DEFAULT_NOTES)
     cache.add_argument("--batch_memory_mb", type=float, default=DEFAULT_BATCH_BYTES / 2**20,
                        help="memory budget of one batched backward (per-sample gradients and activations; "
                        "default %(default)g; 0: one (row, timestep) at a time)")
@@ -226,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refit", help="switch an index to another preconditioning, fitted from its stored rows (no gradients)"
     )
     refit.add_argument("--index", required=True, help="directory of the attribution index")
-    _add_preconditioning_arguments(refit)
+    add_setting_arguments(refit, names=SCORING_FIELDS)
 
     push = commands.add_parser("push", help="upload an attribution index to the Hugging Face Hub")
     push.add_argument("--index", required=True)
@@ -237,13 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--repo_type", default="dataset")
     return parser
-
-
-def _add_preconditioning_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preconditioning", default=None, choices=list(PRECONDITIONINGS),
-                        help="how rows and queries are compared (DMinConfig.preconditioning)")
-    parser.add_argument("--preconditioning_damping", type=float, default=None,
-                        help="the kernel's damping, a fraction of the largest eigenvalue (DMinConfig)")
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -398,20 +370,7 @@ def run_cache(args: argparse.Namespace) -> None:
     resolve_training_run(args)
     check_local_paths(args)
     # the settings are checked before the dataset and the pipeline are loaded
-    settings = {
-        "num_timesteps": args.num_timesteps, "projection_dim": args.projection_dim, "seed": args.dmin_seed,
-        "knn_dim": args.knn_dim, "knn_projection": args.knn_projection, "storage_dtype": args.storage_dtype,
-        "tracked_parameters": args.tracked_parameters, "shard_size": args.shard_size,
-        "output_function": args.output_function, "timestep_spacing": args.timestep_spacing, "noise": args.noise,
-        "noise_draws": args.noise_draws, "max_sequence_length": args.max_sequence_length,
-        "guidance_scale": args.guidance_scale, "image_interpolation_mode": args.image_interpolation_mode,
-        "preconditioning": args.preconditioning, "preconditioning_damping": args.preconditioning_damping,
-    }
-    settings = {key: value for key, value in settings.items() if value is not None}
-    config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(
-        resolution=args.resolution, base_model=args.pretrained_model_name_or_path, adapter=args.lora_weights,
-        **settings,
-    )
+    config = (DMinConfig.paper if args.paper_recipe else DMinConfig)(**chosen_settings(args), adapter=args.lora_weights)
     # Without cpu=True, accelerate treats several processes on a machine without CUDA as one.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     dataset_args = {
@@ -467,7 +426,7 @@ def run_refit(args: argparse.Namespace) -> None:
     index = AttributionIndex(args.index)
     if index.read_only:
         raise ValueError(f"{args.index} is read-only: copy it first (AttributionIndex.save_pretrained)")
-    index.refit(args.preconditioning, args.preconditioning_damping)
+    index.refit(**chosen_settings(args))
     print(f"{args.index}: preconditioning {index.config.preconditioning} "
           f"(damping {index.config.preconditioning_damping:g}), {index.num_rows} rows")
 

@@ -6,15 +6,19 @@ import dataclasses
 import json
 import operator
 import os
+import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+# what the gradient is taken of: the registered output functions (a live view), the paper's training loss and
+# D-TRAK's functions of the model output built in
+from .output_functions import OUTPUT_FUNCTIONS
+
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")
 OBJECTIVES = ("epsilon", "v_prediction", "sample", "flow_matching")
-#: what the gradient is taken of: the training loss (the paper) or one of D-TRAK's functions of the model output
-OUTPUT_FUNCTIONS = ("loss", "squared_norm", "mean")
 #: where the ``T`` timesteps sit when they are not given explicitly
 TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
 #: one noise tensor for every timestep (the paper), or one of its own per timestep
@@ -31,9 +35,6 @@ FORMAT_VERSION = 5  # 2: the recipe fields; 3: knn_projection, and knn_dim's def
 KNN_PROJECTIONS = ("pca", "fold")
 #: HNSW values per timestep unless knn_dim says otherwise (chosen in benchmarks/knn_recall.py)
 DEFAULT_KNN_DIM = 64
-#: the paper's recipe; also what an index written before these fields existed (format 1) was built with
-PAPER_RECIPE = {"output_function": "loss", "timestep_spacing": "centres", "noise": "shared", "noise_draws": 1,
-                "preconditioning": "none"}
 
 
 #: seeds are 64-bit signed integers (torch's and numpy's generators take them)
@@ -100,6 +101,107 @@ def require_config(config: Any) -> "DMinConfig":
     return config
 
 
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The one declaration of a user-settable :class:`DMinConfig` field, from which its validation, its ``dmin
+    cache`` flag, the training callback's ``args.dmin_<field>``, the class docstring and the dataset card's settings
+    list are derived.
+
+    Attributes:
+        help: what the setting does (the docstring's and the flag's text).
+        kind: ``int``, ``float``, ``bool``, ``str`` or ``list`` (of ``item`` values).
+        choices: the allowed strings (a ``str`` setting), or a function returning them (a registry's names).
+        bounds: the inclusive ``(low, high)`` of a number (``None``: unbounded on that side).
+        open_low: the low bound itself is not allowed.
+        optional: ``None`` is allowed (then the value comes from the pipeline or the family).
+        item: the type of a list's items (``int`` or ``str``).
+        flag: the ``dmin cache`` flag when it is not ``--<field>``; ``""``: no flag.
+        script_argument: the training scripts' own argument that gives this value (the callback and ``dmin cache``
+            read that one instead of ``dmin_<field>``).
+        paper: the DMin paper's value (:meth:`DMinConfig.paper`), where the default differs from it.
+        since: the config format that introduced the field; a config of an older format gets ``legacy``.
+        legacy: what an index written before ``since`` was built with (by default ``paper``).
+        on_card: whether the dataset card lists it.
+    """
+
+    help: str
+    kind: type = str
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None
+    bounds: tuple[float | None, float | None] | None = None
+    open_low: bool = False
+    optional: bool = False
+    item: type | None = None
+    flag: str | None = None
+    script_argument: str | None = None
+    paper: Any = _MISSING
+    since: int = 1
+    legacy: Any = _MISSING
+    on_card: bool = True
+
+    def allowed(self) -> tuple[str, ...] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+    @property
+    def legacy_value(self) -> Any:
+        return self.paper if self.legacy is _MISSING else self.legacy
+
+    def check(self, name: str, value: Any) -> Any:
+        """``value`` as stored (plain ``int`` / ``float`` / ``bool`` / ``list``), or a ``ValueError`` naming ``name``."""
+        if value is None and self.optional:
+            return None
+        if self.kind is int:
+            low, high = self.bounds or (None, None)
+            return check_integer(name, value, low, high, type_error=ValueError)
+        if self.kind is float:
+            return _check_number(name, value, self.bounds or (None, None), self.open_low, self.optional)
+        if self.kind is bool:
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+            return bool(value)
+        if self.kind is list:
+            return _check_list(name, value, self.item)
+        if self.allowed() is not None:
+            if value not in self.allowed():
+                raise ValueError(f"{name} must be one of {self.allowed()}, got {value!r}")
+            return value
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string{' or None' if self.optional else ''}, got {value!r}")
+        return value
+
+
+def setting(default: Any, help: str, **declared: Any) -> Any:
+    """A :class:`DMinConfig` field with its :class:`Setting` as metadata."""
+    return field(default=default, metadata={"setting": Setting(help, **declared)})
+
+
+def _check_number(name: str, value: Any, bounds: tuple[float | None, float | None], open_low: bool,
+                  optional: bool) -> float:
+    low, high = bounds
+    shown = f"in ({low:g}, {high:g}]" if open_low else f"in [{low:g}, {high:g}]" if high is not None else f">= {low:g}"
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number{' or None' if optional else ''}, got {value!r}")
+    if not np.isfinite(value) or (low is not None and (value <= low if open_low else value < low)) or (
+            high is not None and value > high):
+        raise ValueError(f"{name} must be finite and {shown}, got {value!r}")
+    return float(value)
+
+
+def _check_list(name: str, value: Any, item: type) -> list:
+    if isinstance(value, str) and item is str:
+        value = [value]  # one pattern
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{name} must be a list of {'integers' if item is int else 'strings'}, got {value!r}")
+    if item is int:  # integral floats (5.0) are refused too: a float timestep is a mistake, never rounded silently
+        return [check_integer(f"{name}[{i}]", v, 0, type_error=ValueError) for i, v in enumerate(value)]
+    values = list(value)
+    if not all(isinstance(v, str) for v in values):
+        raise ValueError(f"{name} must be a list of fnmatch patterns (strings), got {value!r}")
+    return values
+
+
 @dataclass
 class DMinConfig:
     """Settings of a DMin attribution index.
@@ -107,62 +209,10 @@ class DMinConfig:
     The user-facing fields default to the recipe measured best by ``benchmarks/quality.py`` (see
     :meth:`paper` for the paper's exact recipe). The fields after them are filled in from the pipeline
     by :func:`dmin_diffusers.gradients.resolve_config` when an index is built, so that a saved config records every
-    choice the vectors depend on and a query can be computed in exactly the same way later.
+    choice the vectors depend on and a query can be computed in exactly the same way later. Each user-facing field
+    is declared once, with its :class:`Setting` (:func:`settings`): the arguments below are generated from them.
 
-    Args:
-        num_timesteps: ``T``, how many training timesteps each gradient is taken at.
-        projection_dim: ``K``, the compressed size per timestep (a power of two).
-        seed: seeds the fixed noise tensor and the compressor's permutation and signs (``0 <= seed <= 2**63 - 1``).
-        timesteps: explicit training-schedule timesteps in ``[0, num_train_timesteps)``; by default ``T``
-            values placed by ``timestep_spacing`` (the noise level grows with the timestep).
-        output_function: the function of the denoiser's output whose gradient is taken, for training rows and
-            queries alike: ``"loss"``, the training loss against the fixed noise's target (the paper);
-            ``"squared_norm"``, the squared L2 norm of the output (D-TRAK's best, Zheng et al. 2024); ``"mean"``,
-            the mean of the output. The last two do not use the target, so they are the same for every objective.
-        timestep_spacing: ``"centres"`` of ``T`` equal slices of the schedule (the paper), ``"linspace"``
-            (evenly spaced from 0 to the last training step, both included) or ``"cubic"`` (the official DMin
-            code's ``(N - 1)(1 - (i / T)^3)`` for ``i = 1..T``, packed at high noise).
-        noise: ``"shared"``: one fixed noise tensor for every timestep (the paper); ``"per_timestep"``: a fixed
-            tensor of its own for each timestep (same cost).
-        noise_draws: fixed noise draws per timestep; with more than one, the output function is averaged over
-            the draws (one batched forward and backward, so the cost grows less than linearly).
-        tracked_parameters: ``fnmatch`` patterns of denoiser parameter names to take gradients of; by default
-            the LoRA parameters when the denoiser has adapters, else all its trainable parameters.
-        resolution: training image size; by default the denoiser's native size.
-        center_crop: crop the center after resizing (otherwise the top-left corner), as the training scripts.
-        image_interpolation_mode: the filter that resizes images, named as the text-to-image training scripts'
-            ``--image_interpolation_mode`` (their default, and that of the SD / SDXL DreamBooth LoRA scripts, is
-            ``"lanczos"``; ``train_dreambooth.py`` and the SD3 / Flux DreamBooth scripts resize bilinearly).
-        max_sequence_length: T5 prompt length (SD3 and Flux; by default that of the family's training scripts:
-            77 for SD3, 512 for Flux).
-        guidance_scale: the guidance value given to a transformer with a guidance embedding (Flux.1 dev), as the
-            training script's ``--guidance_scale`` (default 3.5); ignored by other models.
-        storage_dtype: dtype of the stored vectors.
-        knn_dim: per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; by default 64
-            (:func:`default_knn_dim`). The HNSW index proposes candidates that are re-ranked exactly on the stored
-            ``K``-dimensional rows.
-        knn_projection: how a row's ``K`` values per timestep become ``knn_dim``: ``"pca"``, their projection
-            on the leading principal components of the stored rows (fitted when the HNSW index is built, saved
-            beside it); ``"fold"``, the nested sketch (sums of ``K / knn_dim`` adjacent buckets).
-        preconditioning: how stored rows and queries are compared (:mod:`~dmin_diffusers.preconditioner`):
-            ``"none"`` (DMin's inner product), ``"centered"`` (cosine after removing the rows' mean),
-            ``"kernel"`` (TRAK's ``(ΦᵀΦ/N + λI)⁻¹``) or ``"centered-kernel"``, fitted per timestep from the
-            stored rows after caching; :meth:`AttributionIndex.refit` switches an index without new gradients.
-            By default (``None``) the family's :attr:`~dmin_diffusers.families.PipelineFamily.default_preconditioning`,
-            recorded when the index is built: ``"centered"`` for latent models (SD, SDXL, SD3, Flux), where it beat
-            ``"none"`` on the detection benchmark's selection queries in all three latent settings beyond the seeds'
-            spread with the same LDS, and ``"none"`` for pixel-space DDPM, where every other option ranked worse
-            (``benchmarks/results/quality.md``, ``lds.md``, ``quickstart-scores.md``).
-        preconditioning_damping: the kernel's ``λ`` as a fraction of each timestep's largest eigenvalue (0.01 was
-            best on the LDS benchmark's selection queries).
-        hnsw_m, hnsw_ef_construction: HNSW graph parameters, ``2 <= hnsw_m <= 1024`` and
-            ``1 <= hnsw_ef_construction <= 100000`` (``HNSW_M_RANGE``, ``HNSW_EF_CONSTRUCTION_RANGE``).
-        shard_size: rows per file on disk.
-        base_model: Hub id of the base pipeline, shown on the dataset card (by default the pipeline's
-            ``name_or_path`` when that is a Hub id, not a local directory).
-        adapter: Hub id or name of the fine-tuned adapter (e.g. the LoRA repository), shown on the dataset card.
-
-    The fields resolved from the pipeline record, besides the settings above, what ties the vectors to one
+    The fields resolved from the pipeline record, besides the settings, what ties the vectors to one
     pipeline: the tracked parameters' names and shapes (``parameters``), a digest of each one's values
     (``parameter_digests``) and of all of them together (``parameter_fingerprint``), a cheap fingerprint of the
     rest of the denoiser (``denoiser_fingerprint``: its architecture and a sample of its base weights), of the models
@@ -172,30 +222,91 @@ class DMinConfig:
     ``base_model``, ``adapter`` and ``denoiser_dtype`` only describe the index and are never compared.
     """
 
-    num_timesteps: int = 10
-    projection_dim: int = 4096
-    seed: int = 0
-    timesteps: list[int] | None = None
-    output_function: str = "squared_norm"  # measured best in benchmarks/quality.py; the paper's is "loss"
-    timestep_spacing: str = "centres"
-    noise: str = "shared"
-    noise_draws: int = 1
-    tracked_parameters: list[str] | None = None
-    resolution: int | None = None
-    center_crop: bool = True
-    image_interpolation_mode: str = "bilinear"
-    max_sequence_length: int | None = None
-    guidance_scale: float | None = None
-    storage_dtype: str = "float16"
-    knn_dim: int | None = None
-    knn_projection: str = "pca"
-    preconditioning: str | None = None  # None: the family's default_preconditioning
-    preconditioning_damping: float = 0.01
-    hnsw_m: int = 32
-    hnsw_ef_construction: int = 200
-    shard_size: int = 1024
-    base_model: str | None = None
-    adapter: str | None = None
+    num_timesteps: int = setting(10, "``T``, how many training timesteps each gradient is taken at.", kind=int,
+                                 bounds=(1, MAX_TIMESTEPS))
+    projection_dim: int = setting(4096, "``K``, the compressed size per timestep (a power of two).", kind=int,
+                                  bounds=(1, MAX_ROW_DIM))
+    seed: int = setting(
+        0, "seeds the fixed noise tensor and the compressor's permutation and signs (``0 <= seed <= 2**63 - 1``).",
+        kind=int, bounds=(0, MAX_SEED), flag="--dmin_seed")  # the training scripts' --seed is the training seed
+    timesteps: list[int] | None = setting(
+        None, "explicit training-schedule timesteps in ``[0, num_train_timesteps)``; by default ``T`` values placed "
+        "by ``timestep_spacing`` (the noise level grows with the timestep).", kind=list, item=int, optional=True)
+    output_function: str = setting(
+        "squared_norm", "the function of the denoiser's output whose gradient is taken, for training rows and "
+        "queries alike: ``\"loss\"``, the training loss against the fixed noise's target (the paper); "
+        "``\"squared_norm\"``, the squared L2 norm of the output (D-TRAK's best, Zheng et al. 2024; measured best in "
+        "``benchmarks/quality.py``); ``\"mean\"``, the mean of the output. The last two do not use the target, so "
+        "they are the same for every objective.", choices=OUTPUT_FUNCTIONS, paper="loss", since=2)
+    timestep_spacing: str = setting(
+        "centres", "``\"centres\"`` of ``T`` equal slices of the schedule (the paper), ``\"linspace\"`` (evenly "
+        "spaced from 0 to the last training step, both included) or ``\"cubic\"`` (the official DMin code's "
+        "``(N - 1)(1 - (i / T)^3)`` for ``i = 1..T``, packed at high noise).", choices=TIMESTEP_SPACINGS,
+        paper="centres", since=2)
+    noise: str = setting(
+        "shared", "``\"shared\"``: one fixed noise tensor for every timestep (the paper); ``\"per_timestep\"``: a "
+        "fixed tensor of its own for each timestep (same cost).", choices=NOISE_MODES, paper="shared", since=2)
+    noise_draws: int = setting(
+        1, "fixed noise draws per timestep; with more than one, the output function is averaged over the draws (one "
+        "batched forward and backward, so the cost grows less than linearly).", kind=int,
+        bounds=(1, MAX_NOISE_DRAWS), paper=1, since=2)
+    tracked_parameters: list[str] | None = setting(
+        None, "``fnmatch`` patterns of denoiser parameter names to take gradients of; by default the LoRA "
+        "parameters when the denoiser has adapters, else all its trainable parameters.", kind=list, item=str,
+        optional=True)
+    resolution: int | None = setting(
+        None, "training image size; by default the denoiser's native size.", kind=int, bounds=(1, MAX_RESOLUTION),
+        optional=True, script_argument="resolution")
+    center_crop: bool = setting(
+        True, "crop the center after resizing (otherwise the top-left corner); caching from a training run always "
+        "crops the center, whatever its random-crop option says.", kind=bool, flag="")
+    image_interpolation_mode: str = setting(
+        "bilinear", "the filter that resizes images, named as the text-to-image training scripts' "
+        "``--image_interpolation_mode`` (their default, and that of the SD / SDXL DreamBooth LoRA scripts, is "
+        "``\"lanczos\"``; ``train_dreambooth.py`` and the SD3 / Flux DreamBooth scripts resize bilinearly).",
+        choices=INTERPOLATION_MODES, script_argument="image_interpolation_mode", since=4, legacy="bilinear")
+    max_sequence_length: int | None = setting(
+        None, "T5 prompt length (SD3 and Flux; by default that of the family's training scripts: 77 for SD3, 512 for "
+        "Flux).", kind=int, bounds=(1, MAX_SEQUENCE_LENGTH), optional=True, script_argument="max_sequence_length")
+    guidance_scale: float | None = setting(
+        None, "the guidance value given to a transformer with a guidance embedding (Flux.1 dev), as the training "
+        "script's ``--guidance_scale`` (default 3.5); ignored by other models.", kind=float, bounds=(0, None),
+        optional=True, script_argument="guidance_scale")
+    storage_dtype: str = setting("float16", "dtype of the stored vectors.", choices=STORAGE_DTYPES)
+    knn_dim: int | None = setting(
+        None, "per-timestep size of the vectors in the HNSW index, a power of two up to ``K``; by default "
+        f"{DEFAULT_KNN_DIM} (:func:`default_knn_dim`). The HNSW index proposes candidates that are re-ranked exactly "
+        "on the stored ``K``-dimensional rows.", kind=int, bounds=(1, None), optional=True)
+    knn_projection: str = setting(
+        "pca", "how a row's ``K`` values per timestep become ``knn_dim``: ``\"pca\"``, their projection on the "
+        "leading principal components of the stored rows (fitted when the HNSW index is built, saved beside it); "
+        "``\"fold\"``, the nested sketch (sums of ``K / knn_dim`` adjacent buckets).", choices=KNN_PROJECTIONS,
+        since=3, legacy="fold")
+    preconditioning: str | None = setting(
+        None, "how stored rows and queries are compared (:mod:`~dmin_diffusers.preconditioner`): ``\"none\"`` "
+        "(DMin's inner product), ``\"centered\"`` (cosine after removing the rows' mean), ``\"kernel\"`` (TRAK's "
+        "``(ΦᵀΦ/N + λI)⁻¹``) or ``\"centered-kernel\"``, fitted per timestep from the stored rows after caching; "
+        ":meth:`AttributionIndex.refit` switches an index without new gradients. By default (``None``) the family's "
+        ":attr:`~dmin_diffusers.families.PipelineFamily.default_preconditioning`, recorded when the index is built: "
+        "``\"centered\"`` for latent models (SD, SDXL, SD3, Flux), where it beat ``\"none\"`` on the detection "
+        "benchmark's selection queries in all three latent settings beyond the seeds' spread with the same LDS, and "
+        "``\"none\"`` for pixel-space DDPM, where every other option ranked worse (``benchmarks/results/quality.md``, "
+        "``lds.md``, ``quickstart-scores.md``).", choices=PRECONDITIONINGS, optional=True, paper="none", since=5)
+    preconditioning_damping: float = setting(
+        0.01, "the kernel's ``λ`` as a fraction of each timestep's largest eigenvalue (0.01 was best on the LDS "
+        "benchmark's selection queries).", kind=float, bounds=(0, 1e3), open_low=True)
+    hnsw_m: int = setting(32, f"the HNSW graph's ``M``, in ``{list(HNSW_M_RANGE)}``.", kind=int, bounds=HNSW_M_RANGE)
+    hnsw_ef_construction: int = setting(
+        200, f"the HNSW graph's ``ef_construction``, in ``{list(HNSW_EF_CONSTRUCTION_RANGE)}``.", kind=int,
+        bounds=HNSW_EF_CONSTRUCTION_RANGE)
+    shard_size: int = setting(1024, "rows per file on disk.", kind=int, bounds=(1, MAX_SHARD_SIZE))
+    base_model: str | None = setting(
+        None, "Hub id of the base pipeline, shown on the dataset card (by default the pipeline's ``name_or_path`` "
+        "when that is a Hub id, not a local directory).", optional=True, flag="",
+        script_argument="pretrained_model_name_or_path", on_card=False)
+    adapter: str | None = setting(
+        None, "Hub id or name of the fine-tuned adapter (e.g. the LoRA repository), shown on the dataset card.",
+        optional=True, flag="", on_card=False)
     # resolved from the pipeline
     family: str | None = None
     objective: str | None = None
@@ -211,34 +322,15 @@ class DMinConfig:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        """Checks every field (``ValueError`` naming it, for a wrong type too) and stores integers as plain ``int``."""
-        integers = {  # field: (low, high, may be None)
-            "num_timesteps": (1, MAX_TIMESTEPS, False), "projection_dim": (1, MAX_ROW_DIM, False),
-            "seed": (0, MAX_SEED, False), "noise_draws": (1, MAX_NOISE_DRAWS, False),
-            "resolution": (1, MAX_RESOLUTION, True), "max_sequence_length": (1, MAX_SEQUENCE_LENGTH, True),
-            "knn_dim": (1, None, True), "hnsw_m": (*HNSW_M_RANGE, False),
-            "hnsw_ef_construction": (*HNSW_EF_CONSTRUCTION_RANGE, False), "shard_size": (1, MAX_SHARD_SIZE, False),
-            "num_train_timesteps": (1, MAX_TIMESTEPS, True), "format_version": (1, FORMAT_VERSION, False),
-        }
-        for name, (low, high, optional) in integers.items():
-            value = getattr(self, name)
-            if not (optional and value is None):
-                setattr(self, name, check_integer(name, value, low, high, type_error=ValueError))
-        if self.guidance_scale is not None:
-            if isinstance(self.guidance_scale, (bool, np.bool_)) or not isinstance(self.guidance_scale, (int, float)):
-                raise ValueError(f"guidance_scale must be a number or None, got {self.guidance_scale!r}")
-            if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-                raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale!r}")
-            self.guidance_scale = float(self.guidance_scale)
-        if isinstance(self.preconditioning_damping, int) and not isinstance(self.preconditioning_damping, bool):
-            self.preconditioning_damping = float(self.preconditioning_damping)
-        check_method(self.preconditioning or "none", self.preconditioning_damping)
-        if not isinstance(self.center_crop, (bool, np.bool_)):
-            raise ValueError(f"center_crop must be True or False, got {self.center_crop!r}")
-        self.center_crop = bool(self.center_crop)
-        for name in ("base_model", "adapter"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
-                raise ValueError(f"{name} must be a string or None, got {getattr(self, name)!r}")
+        """Checks every field (``ValueError`` naming it, for a wrong type too) and stores plain values (``int``,
+        ``float``, ``bool``, ``list``): each setting as its :class:`Setting` says, then what ties them together."""
+        for name, declared in settings(type(self)).items():
+            setattr(self, name, declared.check(name, getattr(self, name)))
+        for name, low, high in (("num_train_timesteps", 1, MAX_TIMESTEPS), ("format_version", 1, FORMAT_VERSION)):
+            if getattr(self, name) is not None:
+                setattr(self, name, check_integer(name, getattr(self, name), low, high, type_error=ValueError))
+        if self.objective is not None and self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if not _is_power_of_two(self.projection_dim):
             raise ValueError(f"projection_dim must be a power of two, got {self.projection_dim}")
         if self.row_dim > MAX_ROW_DIM:
@@ -246,51 +338,20 @@ class DMinConfig:
                 f"num_timesteps x projection_dim must be at most {MAX_ROW_DIM:,} values a row, got "
                 f"{self.num_timesteps} x {self.projection_dim}"
             )
-        if self.timesteps is not None:
-            if isinstance(self.timesteps, (str, bytes)) or not hasattr(self.timesteps, "__iter__"):
-                raise ValueError(f"timesteps must be a list of integers, got {self.timesteps!r}")
-            # integral floats (5.0) are refused too: a float timestep is a mistake, never rounded silently
-            self.timesteps = [
-                check_integer(f"timesteps[{i}]", t, 0, type_error=ValueError) for i, t in enumerate(self.timesteps)
-            ]
-            if len(self.timesteps) != self.num_timesteps:
-                raise ValueError(
-                    f"timesteps has {len(self.timesteps)} values but num_timesteps is {self.num_timesteps}"
-                )
-        for name, allowed in (("output_function", OUTPUT_FUNCTIONS), ("timestep_spacing", TIMESTEP_SPACINGS),
-                              ("noise", NOISE_MODES), ("knn_projection", KNN_PROJECTIONS),
-                              ("image_interpolation_mode", INTERPOLATION_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {self.storage_dtype!r}")
-        if self.knn_dim is not None and (
-            not _is_power_of_two(self.knn_dim) or self.knn_dim > self.projection_dim
-        ):
+        if self.timesteps is not None and len(self.timesteps) != self.num_timesteps:
+            raise ValueError(f"timesteps has {len(self.timesteps)} values but num_timesteps is {self.num_timesteps}")
+        if self.knn_dim is not None and (not _is_power_of_two(self.knn_dim) or self.knn_dim > self.projection_dim):
             raise ValueError(
                 f"knn_dim must be a power of two no larger than projection_dim ({self.projection_dim}), "
                 f"got {self.knn_dim}"
             )
-        if self.objective is not None and self.objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if isinstance(self.tracked_parameters, str):
-            self.tracked_parameters = [self.tracked_parameters]
-        if self.tracked_parameters is not None and (
-            not isinstance(self.tracked_parameters, (list, tuple))
-            or not all(isinstance(pattern, str) for pattern in self.tracked_parameters)
-        ):
-            raise ValueError(
-                f"tracked_parameters must be a list of fnmatch patterns (strings), got {self.tracked_parameters!r}"
-            )
-        if self.tracked_parameters is not None:
-            self.tracked_parameters = list(self.tracked_parameters)
 
     @classmethod
     def paper(cls, **overrides: Any) -> "DMinConfig":
         """The DMin paper's exact recipe: gradients of the training loss, ``T`` timesteps at the centres of
         equal slices of the schedule, and one noise tensor shared by every timestep and row. ``overrides`` set
         any other field (e.g. ``projection_dim``)."""
-        return cls(**{**PAPER_RECIPE, **overrides})
+        return cls(**{**paper_recipe(cls), **overrides})
 
     @property
     def row_dim(self) -> int:
@@ -329,13 +390,11 @@ class DMinConfig:
                 f"this index was written by a newer dmin-diffusers (config format {version}, this version reads up to "
                 f"{FORMAT_VERSION}): upgrade with pip install -U dmin-diffusers"
             )
-        if version < 2:  # written before the recipe fields: built with the paper's recipe
-            values = {**PAPER_RECIPE, **values}
-        if version < 3:  # then, the HNSW vectors were folded, and no knn_dim meant the full K
-            knn_dim = values.get("knn_dim") or values.get("projection_dim", cls.projection_dim)
-            values = {**values, "knn_projection": "fold", "knn_dim": knn_dim}
-        if version < 5:  # then, rows were compared by their plain inner product
-            values = {**values, "preconditioning": "none"}
+        # a field newer than the file's format: what an index of that format was built with
+        values = {**{name: declared.legacy_value for name, declared in settings(cls).items()
+                     if version < declared.since}, **values}
+        if version < 3:  # then, no knn_dim meant the full K
+            values["knn_dim"] = values.get("knn_dim") or values.get("projection_dim", cls.projection_dim)
         return cls(**values)
 
     def to_json_file(self, path: str | os.PathLike) -> None:
@@ -397,6 +456,32 @@ class DMinConfig:
             else:
                 found.append(f"{name}: {value!r} != {other_value!r}")
         return found
+
+
+def settings(config_class: type | None = None) -> dict[str, Setting]:
+    """The user-settable fields of ``config_class`` (:class:`DMinConfig` by default) and their declarations, in
+    field order."""
+    return {item.name: item.metadata["setting"] for item in dataclasses.fields(config_class or DMinConfig)
+            if "setting" in item.metadata}
+
+
+def paper_recipe(config_class: type | None = None) -> dict[str, Any]:
+    """The settings whose declaration gives the paper's value, with that value."""
+    return {name: declared.paper for name, declared in settings(config_class).items() if declared.paper is not _MISSING}
+
+
+def arguments_doc(config_class: type) -> str:
+    """The ``Args:`` section of ``config_class``'s docstring, from its settings."""
+    lines = ["", "    Args:"]
+    for name, declared in settings(config_class).items():
+        lines.append(textwrap.fill(f"{name}: {declared.help}", width=116, initial_indent=" " * 8,
+                                   subsequent_indent=" " * 12))
+    return "\n".join(lines) + "\n"
+
+
+DMinConfig.__doc__ += arguments_doc(DMinConfig)
+#: the paper's recipe (:meth:`DMinConfig.paper`)
+PAPER_RECIPE = paper_recipe()
 
 
 DESCRIPTIVE_FIELDS = ("base_model", "adapter", "denoiser_dtype")

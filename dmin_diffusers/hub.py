@@ -43,6 +43,8 @@ DATASET_INFO_NAME = "dataset.json"
 CARD_NAME = "README.md"
 METADATA_FILES = (CONFIG_NAME, DATASET_INFO_NAME, MANIFEST_NAME)
 DEFAULT_MAX_COMMIT_BYTES = 1 << 30
+#: the kind of Hub repository indices go to unless told otherwise (they hold data, not a model)
+DEFAULT_REPO_TYPE = "dataset"
 _COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 _CARD_TAG = "dmin"
 
@@ -68,7 +70,7 @@ def resolve_index_location(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
-    repo_type: str = "dataset",
+    repo_type: str = DEFAULT_REPO_TYPE,
     subfolder: str | None = None,
     force_download: bool = False,
     metadata_only: bool = False,
@@ -104,7 +106,7 @@ def download_index(
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
-    repo_type: str = "dataset",
+    repo_type: str = DEFAULT_REPO_TYPE,
     subfolder: str | None = None,
     force_download: bool = False,
     metadata_only: bool = False,
@@ -189,7 +191,7 @@ def upload_index(
     token: str | bool | None = None,
     revision: str | None = None,
     commit_message: str | None = None,
-    repo_type: str = "dataset",
+    repo_type: str = DEFAULT_REPO_TYPE,
     create_pr: bool = False,
     subfolder: str | None = None,
     max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
@@ -207,47 +209,77 @@ def upload_index(
         for entry in api.list_repo_tree(repo_id, recursive=True, repo_type=repo_type, revision=revision)
         if isinstance(entry, RepoFile)
     }
-    prefix = _prefixed(subfolder, "")
-    stale = sorted(
-        path for path in remote
-        if path.startswith(prefix) and _is_index_file(path[len(prefix):]) and path[len(prefix):] not in files
-    )
+    target = _Target(api, repo_id, repo_type, revision, subfolder)
     message = commit_message or "Upload DMin attribution index"
     shards = [name for name in files if name.startswith(f"{SHARD_DIR}/")]
-    last = [name for name in files if name not in shards]
     shard_bytes = sum((directory / name).stat().st_size for name in shards)
     if create_pr or shard_bytes <= max_commit_bytes:
         last = files
-    else:  # shards already there (an earlier or interrupted push) are not committed again
-        records = manifest_entries(read_manifest(directory) or {"shards": []})
-        changed = [
-            name for name in shards
-            if not _same_file(remote.get(_prefixed(subfolder, name)), directory / name, records.get(name))
-        ]
-        # shard names hold a digest of their content, so a new shard never overwrites a file of the index the
-        # repository holds now; shards of an older store (positional names) may: they all go in the last commit
-        overwrites = [name for name in changed if _prefixed(subfolder, name) in remote]
-        if overwrites:
-            logger.info("%s would replace %s of the index in %s: pushing everything in one commit",
-                        directory, overwrites[0], repo_id)
-            last, changed = files, []
-        batches = _commit_batches(directory, changed, max_commit_bytes) if changed else []
-        for number, batch in enumerate(batches, start=1):
-            api.create_commit(
-                repo_id,
-                [CommitOperationAdd(_prefixed(subfolder, name), directory / name) for name in batch],
-                commit_message=f"{message} (vectors, part {number} of {len(batches)})",
-                repo_type=repo_type, revision=revision,
-            )
-            logger.info("pushed vector shards part %d of %d to %s", number, len(batches), repo_id)
-    operations = [CommitOperationAdd(_prefixed(subfolder, name), directory / name) for name in last]
-    card_path = _prefixed(subfolder, CARD_NAME)
-    if card_path in remote and _keep_remote_card(api, repo_id, card_path, repo_type, revision):
-        logger.warning("%s in %s was not written by dmin-diffusers: keeping it (the generated card is not pushed)",
-                       card_path, repo_id)
     else:
-        operations.append(CommitOperationAdd(card_path, str(card).encode("utf-8")))
-    operations += [CommitOperationDelete(path) for path in stale]
+        last = _push_changed_shards(target, directory, files, shards, remote, message, max_commit_bytes)
+    operations = [CommitOperationAdd(target.path(name), directory / name) for name in last]
+    operations += _card_operations(target, card, remote)
+    operations += [CommitOperationDelete(path) for path in _stale_files(remote, files, subfolder)]
     return api.create_commit(
         repo_id, operations, commit_message=message, repo_type=repo_type, revision=revision, create_pr=create_pr
     )
+
+
+@dataclass
+class _Target:
+    """Where an upload goes: a repository, its kind and branch, and the folder in it."""
+
+    api: HfApi
+    repo_id: str
+    repo_type: str
+    revision: str | None
+    subfolder: str | None
+
+    def path(self, name: str) -> str:
+        return _prefixed(self.subfolder, name)
+
+
+def _stale_files(remote: dict[str, RepoFile], files: list[str], subfolder: str | None) -> list[str]:
+    """The index files in the repository's folder that the new index no longer lists."""
+    prefix = _prefixed(subfolder, "")
+    return sorted(
+        path for path in remote
+        if path.startswith(prefix) and _is_index_file(path[len(prefix):]) and path[len(prefix):] not in files
+    )
+
+
+def _push_changed_shards(target: _Target, directory: Path, files: list[str], shards: list[str],
+                         remote: dict[str, RepoFile], message: str, max_commit_bytes: int) -> list[str]:
+    """Commits the shards the repository does not hold yet (an earlier or interrupted push may have sent some), in
+    batches of at most ``max_commit_bytes``; returns the files left for the last commit."""
+    records = manifest_entries(read_manifest(directory) or {"shards": []})
+    changed = [
+        name for name in shards if not _same_file(remote.get(target.path(name)), directory / name, records.get(name))
+    ]
+    # shard names hold a digest of their content, so a new shard never overwrites a file of the index the
+    # repository holds now; shards of an older store (positional names) may: they all go in the last commit
+    overwrites = [name for name in changed if target.path(name) in remote]
+    if overwrites:
+        logger.info("%s would replace %s of the index in %s: pushing everything in one commit",
+                    directory, overwrites[0], target.repo_id)
+        return files
+    batches = _commit_batches(directory, changed, max_commit_bytes) if changed else []
+    for number, batch in enumerate(batches, start=1):
+        target.api.create_commit(
+            target.repo_id, [CommitOperationAdd(target.path(name), directory / name) for name in batch],
+            commit_message=f"{message} (vectors, part {number} of {len(batches)})",
+            repo_type=target.repo_type, revision=target.revision,
+        )
+        logger.info("pushed vector shards part %d of %d to %s", number, len(batches), target.repo_id)
+    return [name for name in files if name not in shards]
+
+
+def _card_operations(target: _Target, card: DatasetCard, remote: dict[str, RepoFile]) -> list[CommitOperationAdd]:
+    """The card's upload, unless the repository holds a card that dmin-diffusers did not write."""
+    card_path = target.path(CARD_NAME)
+    if card_path in remote and _keep_remote_card(target.api, target.repo_id, card_path, target.repo_type,
+                                                 target.revision):
+        logger.warning("%s in %s was not written by dmin-diffusers: keeping it (the generated card is not pushed)",
+                       card_path, target.repo_id)
+        return []
+    return [CommitOperationAdd(card_path, str(card).encode("utf-8"))]
