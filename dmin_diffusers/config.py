@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from .preconditionings import preconditioning_named, registered_preconditionings
+
 # what the gradient is taken of: the registered output functions (a live view), the paper's training loss and
 # D-TRAK's functions of the model output built in
 from .output_functions import OUTPUT_FUNCTIONS
@@ -25,8 +27,8 @@ TIMESTEP_SPACINGS = ("centres", "linspace", "cubic")
 NOISE_MODES = ("shared", "per_timestep")
 #: how images are resized: the names of the training scripts' ``--image_interpolation_mode`` (torchvision's modes)
 INTERPOLATION_MODES = ("bilinear", "bicubic", "box", "nearest", "nearest_exact", "hamming", "lanczos")
-#: how stored rows and queries are compared (``dmin_diffusers.preconditioner``)
-PRECONDITIONINGS = ("none", "centered", "kernel", "centered-kernel")
+#: the built-in ways stored rows and queries are compared (``dmin_diffusers.preconditionings``)
+PRECONDITIONINGS = registered_preconditionings()
 CONFIG_NAME = "dmin_config.json"
 FORMAT_VERSION = 5  # 2: the recipe fields; 3: knn_projection, and knn_dim's default (before: K, folded);
 # 4: image_interpolation_mode (before: always bilinear) and adapter_fingerprint; 5: preconditioning (before: none)
@@ -54,9 +56,9 @@ MAX_SHARD_SIZE = 1 << 20
 
 
 def check_method(method: str, damping: float) -> None:
-    """``ValueError`` unless ``method`` is one of ``PRECONDITIONINGS`` and ``damping`` a finite number in (0, 1e3]."""
-    if method not in PRECONDITIONINGS:
-        raise ValueError(f"preconditioning must be one of {PRECONDITIONINGS}, got {method!r}")
+    """``ValueError`` unless ``method`` is a registered preconditioning and ``damping`` a finite number in
+    (0, 1e3]."""
+    preconditioning_named(method)
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1e3:
         raise ValueError(f"preconditioning_damping must be a number in (0, 1000], got {damping!r}")
 
@@ -108,7 +110,7 @@ _MISSING = object()
 class Setting:
     """The one declaration of a user-settable :class:`DMinConfig` field, from which its validation, its ``dmin
     cache`` flag, the training callback's ``args.dmin_<field>``, the class docstring and the dataset card's settings
-    list are derived.
+    list (every setting) are derived.
 
     Attributes:
         help: what the setting does (the docstring's and the flag's text).
@@ -124,7 +126,6 @@ class Setting:
         paper: the DMin paper's value (:meth:`DMinConfig.paper`), where the default differs from it.
         since: the config format that introduced the field; a config of an older format gets ``legacy``.
         legacy: what an index written before ``since`` was built with (by default ``paper``).
-        on_card: whether the dataset card lists it.
     """
 
     help: str
@@ -139,7 +140,6 @@ class Setting:
     paper: Any = _MISSING
     since: int = 1
     legacy: Any = _MISSING
-    on_card: bool = True
 
     def allowed(self) -> tuple[str, ...] | None:
         return self.choices() if callable(self.choices) else self.choices
@@ -291,7 +291,7 @@ class DMinConfig:
         "``\"centered\"`` for latent models (SD, SDXL, SD3, Flux), where it beat ``\"none\"`` on the detection "
         "benchmark's selection queries in all three latent settings beyond the seeds' spread with the same LDS, and "
         "``\"none\"`` for pixel-space DDPM, where every other option ranked worse (``benchmarks/results/quality.md``, "
-        "``lds.md``, ``quickstart-scores.md``).", choices=PRECONDITIONINGS, optional=True, paper="none", since=5)
+        "``lds.md``, ``quickstart-scores.md``).", choices=registered_preconditionings, optional=True, paper="none", since=5)
     preconditioning_damping: float = setting(
         0.01, "the kernel's ``λ`` as a fraction of each timestep's largest eigenvalue (0.01 was best on the LDS "
         "benchmark's selection queries).", kind=float, bounds=(0, 1e3), open_low=True)
@@ -303,10 +303,10 @@ class DMinConfig:
     base_model: str | None = setting(
         None, "Hub id of the base pipeline, shown on the dataset card (by default the pipeline's ``name_or_path`` "
         "when that is a Hub id, not a local directory).", optional=True, flag="",
-        script_argument="pretrained_model_name_or_path", on_card=False)
+        script_argument="pretrained_model_name_or_path")
     adapter: str | None = setting(
         None, "Hub id or name of the fine-tuned adapter (e.g. the LoRA repository), shown on the dataset card.",
-        optional=True, flag="", on_card=False)
+        optional=True, flag="")
     # resolved from the pipeline
     family: str | None = None
     objective: str | None = None

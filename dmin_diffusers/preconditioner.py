@@ -36,6 +36,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .config import PRECONDITIONINGS, check_method
+from .preconditionings import preconditioning_named
 from .store import save_tensors_atomic
 
 __all__ = ["PRECONDITIONINGS", "PRECONDITIONER_NAME", "Preconditioner", "rows_digest"]
@@ -53,16 +54,16 @@ RowChunks = Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def is_centred(method: str) -> bool:
-    return method in ("centered", "centered-kernel")
+    return preconditioning_named(method).centred
 
 
 def uses_kernel(method: str) -> bool:
-    return method in ("kernel", "centered-kernel")
+    return preconditioning_named(method).kernel
 
 
 def normalises_rows(method: str) -> bool:
     """Whether a method divides each row by its norm in the preconditioned geometry (needs a per-row scale)."""
-    return method == "centered"
+    return preconditioning_named(method).normalise_rows
 
 
 @dataclass(frozen=True)
