@@ -35,10 +35,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
+from dmin_diffusers.hnsw import build_hnsw, query_hnsw
 from dmin_diffusers.knn_projection import fit_projection, sample_row_ids
 from dmin_diffusers.preconditioner import Preconditioner
-from dmin_diffusers.search import OVERSAMPLING, knn_vectors, search_ef
+from dmin_diffusers.resolution import resolve_config
+from dmin_diffusers.search import OVERSAMPLING, knn_vectors
 import dmin_diffusers as dm
 
 from common import add_common_arguments, markdown_table, setup_threads, write_report
@@ -46,7 +48,8 @@ from common import add_common_arguments, markdown_table, setup_threads, write_re
 TOP_K = 10
 T, K = 10, 4096
 CANDIDATES = (10, 20, 40, 80, 160)
-M, EF_CONSTRUCTION = 32, 200
+#: the package's default graph parameters (what ``build_hnsw`` uses unless told otherwise)
+M, EF_CONSTRUCTION = dm.DMinConfig.hnsw_m, dm.DMinConfig.hnsw_ef_construction
 #: the geometries of ``--preconditioned`` (``"none"`` measured beside them in the same run) and their damping
 GEOMETRIES = ("none", "centered", "kernel", "centered-kernel")
 DAMPING = 0.01
@@ -127,10 +130,11 @@ def one_pass(queries: torch.Tensor, rows_of, num_rows: int, projections: dict, c
 
 
 def build_index(vectors: np.ndarray, threads: int) -> tuple[hnswlib.Index, float]:
-    index = hnswlib.Index(space="ip", dim=vectors.shape[1])
-    index.init_index(max_elements=len(vectors), M=M, ef_construction=EF_CONSTRUCTION, random_seed=0)
+    """The package's HNSW graph over ``vectors`` (labels 0..N-1, ``threads`` insertion threads) and its build
+    seconds."""
     start = time.perf_counter()
-    index.add_items(vectors, np.arange(len(vectors)), num_threads=threads)
+    index = build_hnsw([(np.arange(len(vectors)), vectors)], vectors.shape[1], len(vectors), M, EF_CONSTRUCTION,
+                       num_threads=threads)
     return index, time.perf_counter() - start
 
 
@@ -141,15 +145,13 @@ def recall_cells(index: hnswlib.Index, query_vectors: np.ndarray, queries: torch
     cells = []
     for count in candidates:
         count = min(count, index.get_current_count())
-        index.set_ef(search_ef(count))
         hits, times = 0, []
         for q in range(len(queries)):
             start = time.perf_counter()
-            labels, _ = index.knn_query(query_vectors[q : q + 1], k=count, num_threads=1)
+            proposed = query_hnsw(index, query_vectors[q : q + 1], count)[0]
             times.append(time.perf_counter() - start)
-            candidates = labels[0].astype(np.int64)
-            rows = torch.cat([rows_of(int(c), int(c) + 1) for c in candidates]).reshape(count, -1)
-            found = candidates[torch.topk(rows @ flat_queries[q], TOP_K).indices.numpy()]
+            rows = torch.cat([rows_of(int(c), int(c) + 1) for c in proposed]).reshape(count, -1)
+            found = proposed[torch.topk(rows @ flat_queries[q], TOP_K).indices.numpy()]
             hits += len(set(found.tolist()) & set(truth[q].tolist()))
         cells.append(f"{hits / (TOP_K * len(queries)):.3f} ({np.median(times) * 1e3:.1f} ms)")
     return cells
@@ -226,7 +228,7 @@ def geometry_table(queries: torch.Tensor, rows_of, num_rows: int, threads: int, 
         label = method if method == "none" else f"{method} ({DAMPING:g})"
         lines += [[label] + line for line in table_lines(mapped_queries, lambda a, b: mapped[a:b], num_rows, threads,
                                                          stored_bytes, methods, PRECONDITIONED_CANDIDATES)]
-        del mapped
+        mapped = None  # frees the rows before the next geometry (rebound, not deleted: the lambda reads the name)
     return markdown_table(["preconditioning (damping)", "HNSW vectors, values per timestep",
                            "HNSW bytes/row (/ stored row)", "build (s)"]
                           + [f"recall@10, {c} candidates (ms)" for c in PRECONDITIONED_CANDIDATES], lines)
@@ -239,7 +241,7 @@ def preconditioned_sections(rows: torch.Tensor, queries: torch.Tensor, args, sto
     text = (f"Each geometry as the package builds it (`Preconditioner.fit` at damping {DAMPING:g} streamed over the "
             "rows, rows and queries mapped with `map_rows` / `map_query`, the PCA projection fitted on the mapped "
             "sample of up to 4,096 rows); exact search and re-ranking by the preconditioned score; HNSW M = "
-            f"{M}, ef_construction = {EF_CONSTRUCTION}, ef = `search.search_ef(candidates)`. The package default "
+            f"{M}, ef_construction = {EF_CONSTRUCTION}, ef = `hnsw.search_ef(candidates)`. The package default "
             f"is 64 PCA values per timestep and {OVERSAMPLING * TOP_K} candidates. Cells: recall@10 against exact "
             "search in the same geometry (median HNSW query time).\n\n")
     sections = [(f"Preconditioned geometries, real rows ({len(rows)} rows)",
@@ -287,7 +289,7 @@ def main() -> None:
     real = table(queries, lambda a, b: rows[a:b], len(rows), args.build_threads, stored_bytes)
     sections.append(("Real rows", f"{len(rows)} rows and {len(queries)} queries of the t2i-lora setting, T = {T}, "
                      f"K = {K} (a stored float16 row is {stored_bytes:,} bytes); HNSW M = {M}, ef_construction = "
-                     f"{EF_CONSTRUCTION}, ef = `search.search_ef(candidates)` as in the package; candidates re-ranked "
+                     f"{EF_CONSTRUCTION}, ef = `hnsw.search_ef(candidates)` as in the package; candidates re-ranked "
                      "exactly on the full rows. "
                      "Cells: recall@10 against exact search (median HNSW query time).\n\n" + real))
     count = args.large_rows

@@ -36,8 +36,9 @@ from safetensors.torch import load_file, save_file
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family, family_named
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
 from dmin_diffusers.preconditioner import PRECONDITIONINGS, Preconditioner
+from dmin_diffusers.resolution import resolve_config
 
 from common import RESULTS_DIR, add_common_arguments, setup_threads
 from lds_data import LdsData, load_setting, restrict_queries

@@ -3,7 +3,7 @@ on a pipeline the size users fine-tune: Stable Diffusion 1.5's UNet + LoRA r4, V
 their published configs with random weights (no download).
 
 Prints, one thread: the cheap per-query check (:func:`dmin_diffusers.model_state.pipeline_state`), the full check
-that runs when the state changed (:func:`dmin_diffusers.gradients.check_config_matches`), and one plain forward +
+that runs when the state changed (:func:`dmin_diffusers.resolution.check_config_matches`), and one plain forward +
 backward of the UNet at 64x64 latents (a query pays ``T`` of them) as the baseline, measured in the same run.
 
     python benchmarks/model_check.py [--repeats 5]
@@ -21,8 +21,8 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import check_config_matches, resolve_config, select_tracked_parameters
 from dmin_diffusers.model_state import pipeline_state
+from dmin_diffusers.resolution import check_config_matches, resolve_config, select_tracked_parameters
 
 from speed_sd_size import sd15_pipeline
 

@@ -41,7 +41,8 @@ from diffusers import DDPMScheduler
 import dmin_diffusers as dm
 from dmin_diffusers.config import PAPER_RECIPE, SCORING_FIELDS
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
+from dmin_diffusers.resolution import resolve_config
 from dmin_diffusers.sketch import fold_sketch
 
 from common import RESULTS_DIR, add_common_arguments, markdown_table, setup_threads

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import hnswlib
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from dmin_diffusers.gradients import GradientSketcher, PreparedExample
+from dmin_diffusers.hnsw import build_hnsw
 from dmin_diffusers.preconditioner import Preconditioner
 from dmin_diffusers.search import KnnIndex
 from dmin_diffusers.sketch import SketchProjector, fold_sketch
@@ -114,12 +114,10 @@ def gradient_scores(sketcher: GradientSketcher, rows: list[PreparedExample], que
 
 def hnsw_top_rows(scores: Scores, dim: int, top_k: int) -> torch.Tensor:
     """(queries, top_k) rows of every query from an HNSW index over the rows folded to ``dim`` (the package's
-    ``KnnIndex.candidates``, one thread)."""
+    ``build_hnsw`` with its default graph parameters, one thread, queried by ``KnnIndex.candidates``)."""
     num_rows, num_t, _ = scores.row_sketches.shape
     vectors = fold_sketch(scores.row_sketches.float(), dim).reshape(num_rows, -1).numpy()
-    index = hnswlib.Index(space="ip", dim=num_t * dim)
-    index.init_index(max_elements=num_rows, M=32, ef_construction=200, random_seed=0)
-    index.add_items(vectors, np.arange(num_rows), num_threads=1)
+    index = build_hnsw([(np.arange(num_rows), vectors)], num_t * dim, num_rows, num_threads=1)
     knn = KnnIndex(index, num_t, dim)
     return torch.tensor([knn.candidates(fold_sketch(q, dim), top_k) for q in scores.query_sketches])
 

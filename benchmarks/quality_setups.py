@@ -24,8 +24,9 @@ from peft import LoraConfig
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
+from dmin_diffusers.gradients import GradientSketcher, PreparedExample
 from dmin_diffusers.inputs import preprocess_image
+from dmin_diffusers.resolution import resolve_config
 import common  # noqa: F401  (puts tests/ on the path for tiny_models)
 from quality_data import (EVALUATED, INSTANCES, digits_classifier, heldout_prompts, load_digit_rows,
                           make_dreambooth_dataset, make_generic_dataset, make_t2i_dataset)

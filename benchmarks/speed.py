@@ -30,8 +30,9 @@ import torch.nn.functional as F
 import dmin_diffusers as dm
 from dmin_diffusers.config import default_knn_dim
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import MAX_BATCH_SAMPLES, GradientSketcher, resolve_config
+from dmin_diffusers.gradients import MAX_BATCH_SAMPLES, GradientSketcher
 from dmin_diffusers.knn_projection import KNN_PROJECTION_NAME, fit_projection, load_projection, sample_row_ids
+from dmin_diffusers.resolution import resolve_config
 from dmin_diffusers.search import KNN_NAME, OVERSAMPLING, KnnIndex, approximate_top_k, exact_top_k
 from dmin_diffusers.sketch import SketchProjector
 from dmin_diffusers.store import (ROW_DIGEST, VectorStore, VectorStoreWriter, check_file_digest, file_record,

@@ -14,7 +14,8 @@ import ctypes
 import multiprocessing
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, PreparedExample, resolve_config
+from dmin_diffusers.gradients import GradientSketcher, PreparedExample
+from dmin_diffusers.output_functions import output_function_named
+from dmin_diffusers.resolution import resolve_config
 
 from common import best_time, markdown_table, status_kib
 from tiny_models import add_lora, make_caption_dataset, tiny_stable_diffusion_components
@@ -84,22 +87,65 @@ def timed_peak(fn: Callable[[], Any], device: str) -> tuple[float, float]:
     return seconds, max(peak - before, 0) / GIB
 
 
+@contextmanager
+def training_only(sketcher: GradientSketcher) -> Iterator[None]:
+    """Gradients on for the sketcher's tracked parameters only, as a script training just those (a LoRA, or the
+    whole model) would have them, the denoiser in eval mode as DMin runs it, no ``.grad`` before or after; the
+    parameters' flags and the mode are restored afterwards."""
+    denoiser = sketcher.family.denoiser
+    tracked = [p for _, p in sketcher.parameters]
+    flags = [(p, p.requires_grad) for p in denoiser.parameters()]
+    was_training = denoiser.training
+    try:
+        denoiser.eval()
+        for p, _ in flags:
+            p.requires_grad_(False)
+        for p in tracked:
+            p.requires_grad_(True)
+            p.grad = None
+        with torch.enable_grad():
+            yield
+    finally:
+        for p in tracked:
+            p.grad = None
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        denoiser.train(was_training)
+
+
+def denoiser_batch(sketcher: GradientSketcher, samples: list[tuple[PreparedExample, int]]
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``(noisy, model_timestep, conditioning, target)`` of ``(example, timestep position)`` samples in one batch,
+    from the public pieces a training step uses: each example noised with the sketcher's fixed noise
+    (``noise_draws`` copies) at the config's timestep by the training objective."""
+    noisy, timesteps, conditioning, targets = [], [], [], []
+    for example, position in samples:
+        noise = sketcher.noise(example.latents, position)
+        noised = sketcher.objective.noised(example.latents.expand_as(noise), noise, sketcher.config.timesteps[position])
+        noisy.append(noised.noisy)
+        timesteps.append(noised.model_timestep)
+        targets.append(noised.target.float())
+        conditioning.append({key: value.expand(len(noise), *value.shape[1:])
+                             for key, value in example.conditioning.items()})
+    batched = {key: torch.cat([c[key] for c in conditioning]) for key in conditioning[0]}
+    return torch.cat(noisy), torch.cat(timesteps), batched, torch.cat(targets)
+
+
 def plain_steps(sketcher: GradientSketcher, examples: list[PreparedExample], batch: int) -> None:
     """Plain forward + backward passes over every (example, timestep) sample of the config, ``batch`` samples per
-    pass (the sum of their outputs), gradients accumulated into ``.grad`` as a training step would, then dropped."""
+    pass: the family's prediction call, the sum of the samples' outputs (the config's output function,
+    :mod:`~dmin_diffusers.output_functions`), gradients accumulated into ``.grad`` as a training step would, then
+    dropped."""
     samples = [(e, p) for e in examples for p in range(len(sketcher.config.timesteps))]
-    with sketcher._tracking(streaming=False):
+    family = sketcher.family
+    output_function = output_function_named(sketcher.config.output_function).function
+    with training_only(sketcher):
         for start in range(0, len(samples), batch):
-            inputs = [sketcher._inputs(e, p) for e, p in samples[start : start + batch]]
-            noisy = torch.cat([i.noisy for i in inputs])
-            model_timestep = torch.cat([i.model_timestep for i in inputs])
-            conditioning = {k: torch.cat([i.conditioning[k] for i in inputs]) for k in inputs[0].conditioning}
-            prediction = sketcher._prediction(noisy, model_timestep, conditioning)
-            draws = len(prediction) // len(inputs)
-            sum(sketcher._reduce(prediction[j * draws : (j + 1) * draws], inputs[j].target)
-                for j in range(len(inputs))).backward()
-        for _, p in sketcher.parameters:
-            p.grad = None
+            chunk = samples[start : start + batch]
+            noisy, model_timestep, conditioning, target = denoiser_batch(sketcher, chunk)
+            prediction = family.predict(noisy.to(family.denoiser.dtype), model_timestep, conditioning).float()
+            per_sample = (len(chunk), -1)  # (samples, noise_draws, ...), as output functions take them
+            output_function(prediction.unflatten(0, per_sample), target.unflatten(0, per_sample)).sum().backward()
 
 
 def attribute_latency(pipe, config: dm.DMinConfig, rows: int, batch_bytes: int) -> tuple[float, float, float]:
@@ -123,8 +169,7 @@ def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_
     batch_bytes = int(batch_gib * GIB)
     start = time.perf_counter()
     sketcher = GradientSketcher(family, config, batch_bytes=batch_bytes)
-    for index in range(len(sketcher.parameters)):  # derive (and keep, if they fit) the compressor's codes
-        sketcher.projector._parameter_codes(index, torch.device(device))
+    codes_kept = sketcher.projector.prepare_codes(device)
     code_seconds = time.perf_counter() - start
     with_vmap = GradientSketcher(family, config, batch_bytes=batch_bytes, per_sample="vmap",
                                  projector=sketcher.projector)
@@ -150,7 +195,8 @@ def measure(name: str, rank: int | None, device: str, num_timesteps: int, batch_
             row += ["1 (over the budget)", "", "", "", ""]
     build, first, later = attribute_latency(pipe, config, ATTRIBUTE_ROWS, batch_bytes)
     row += [f"{build / (ATTRIBUTE_ROWS * num_timesteps):.2f}", f"{first:.2f}", f"{later:.2f}",
-            f"{4 * sketcher.projector.total / GIB:.2f} GiB, {code_seconds:.1f} s"]
+            f"{4 * sketcher.projector.total / GIB:.2f} GiB, "
+            + (f"{code_seconds:.1f} s" if codes_kept else "over the budget: derived for every gradient")]
     print(row, flush=True)
     return row
 

@@ -7,19 +7,28 @@ from .index import AttributionIndex
 from .locks import IndexBusyError
 from .mixin import InfluenceMixin, enable_attribution
 from .model_state import ModelMismatchError
+from .output_functions import register_output_function
+from .pipelines import (
+    DMinDDPMPipeline,
+    DMinFluxPipeline,
+    DMinStableDiffusion3Pipeline,
+    DMinStableDiffusionPipeline,
+    DMinStableDiffusionXLPipeline,
+)
 from .result import AttributionResult
 from .sketch import SketchProjector, fold_sketch
 from .store import DiskFullError, IndexChangedError, IndexIntegrityError
 
 # Every error the library raises on purpose is exported above (tests/test_cli.py checks it).
-# The ready-made DMin...Pipeline classes live in their families' modules (dmin_diffusers/families/).
-_READY_MADE = {family.ready_made.__name__: family.ready_made for family in registered_families() if family.ready_made}
-globals().update(_READY_MADE)
-
 __all__ = [
     "AttributionIndex",
     "AttributionResult",
     "DMinConfig",
+    "DMinDDPMPipeline",
+    "DMinFluxPipeline",
+    "DMinStableDiffusion3Pipeline",
+    "DMinStableDiffusionPipeline",
+    "DMinStableDiffusionXLPipeline",
     "DiskFullError",
     "IndexBusyError",
     "IndexChangedError",
@@ -32,5 +41,6 @@ __all__ = [
     "enable_attribution",
     "fold_sketch",
     "register_family",
-    *sorted(_READY_MADE),
+    "register_output_function",
+    "registered_families",
 ]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,8 @@ import torch
 from huggingface_hub import constants
 from PIL import ImageDraw
 
+from .families import detect_family
+from .index import AttributionIndex
 from .inputs import to_pil
 from .mixin import DEFAULT_TOP_K, InfluenceMixin
 from .result import AttributionResult
@@ -43,6 +47,9 @@ class PageAnswer:
     result: AttributionResult
 
 
+#: the page's default number of generation steps
+DEFAULT_NUM_INFERENCE_STEPS = 30
+
 def _require_pipeline(pipe: Any) -> InfluenceMixin:
     if not isinstance(pipe, InfluenceMixin):
         raise TypeError("the page needs a pipeline with attribution: dmin_diffusers.enable_attribution(pipe) first")
@@ -52,7 +59,8 @@ def _require_pipeline(pipe: Any) -> InfluenceMixin:
 
 
 def _takes_prompt(pipe: InfluenceMixin) -> bool:
-    return pipe._require_sketcher().family.takes_prompt
+    """Whether the pipeline's family (the one its attached index was checked against) conditions on a prompt."""
+    return detect_family(pipe).takes_prompt
 
 
 def generate_image(pipe: Any, prompt: str | None, seed: int, num_inference_steps: int,
@@ -180,7 +188,7 @@ def _table(result: AttributionResult, captions: list[str], timesteps: list[int],
     return "\n".join(lines)
 
 
-def build_app(pipe: Any, *, top_k: int = DEFAULT_TOP_K, num_inference_steps: int = 30,
+def build_app(pipe: Any, *, top_k: int = DEFAULT_TOP_K, num_inference_steps: int = DEFAULT_NUM_INFERENCE_STEPS,
               guidance_scale: float = 7.5, title: str = "DMin attribution"):
     """A ``gradio.Blocks`` page for a pipeline with an attribution index attached; ``.launch()`` it.
 
@@ -190,14 +198,44 @@ def build_app(pipe: Any, *, top_k: int = DEFAULT_TOP_K, num_inference_steps: int
         num_inference_steps, guidance_scale: the generation defaults (guidance only for text-to-image models).
         title: the page's title.
     """
+    gr = _import_gradio()
+    pipe = _require_pipeline(pipe)
+    index = pipe.attribution_index
+    takes_prompt = _takes_prompt(pipe)
+    on_generate, on_upload = _page_handlers(gr, pipe, takes_prompt)
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(_page_heading(title, index))
+        with gr.Row():
+            with gr.Column(scale=1):
+                controls = _page_controls(gr, index.num_rows, takes_prompt, top_k, num_inference_steps,
+                                          guidance_scale)
+            with gr.Column(scale=2):
+                outputs = _page_outputs(gr)
+        controls.generate.click(on_generate, [controls.prompt, controls.seed, controls.steps, controls.guidance,
+                                              controls.k, controls.exact], outputs)
+        controls.attribute.click(on_upload, [controls.upload, controls.prompt, controls.k, controls.exact], outputs)
+    return demo
+
+
+def _import_gradio() -> ModuleType:
     try:
         import gradio as gr
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError('the page needs Gradio: pip install "dmin-diffusers[app]"') from error
-    pipe = _require_pipeline(pipe)
-    index = pipe.attribution_index
-    takes_prompt = _takes_prompt(pipe)
+    return gr
+
+
+def _page_heading(title: str, index: AttributionIndex) -> str:
     config = index.config
+    return (
+        f"# {title}\n{index.num_rows:,} training rows of a `{config.family}` model · T = {config.num_timesteps} "
+        f"timesteps, K = {config.projection_dim} · which training images shaped this image?"
+    )
+
+
+def _page_handlers(gr: ModuleType, pipe: InfluenceMixin, takes_prompt: bool) -> tuple[Callable, Callable]:
+    """The page's two actions, ``(on_generate, on_upload)``: each returns the outputs of :func:`_page_outputs`,
+    and shows a bad input as a Gradio error."""
 
     def answer(image, prompt, k, exact):
         try:
@@ -218,38 +256,52 @@ def build_app(pipe: Any, *, top_k: int = DEFAULT_TOP_K, num_inference_steps: int
             raise gr.Error("upload an image first")
         return answer(image, prompt, k, exact)
 
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(
-            f"# {title}\n{index.num_rows:,} training rows of a `{config.family}` model · T = {config.num_timesteps} "
-            f"timesteps, K = {config.projection_dim} · which training images shaped this image?"
-        )
-        with gr.Row():
-            with gr.Column(scale=1):
-                prompt = gr.Textbox(label="prompt", visible=takes_prompt, elem_id="dmin-prompt", lines=2)
-                with gr.Row():
-                    seed = gr.Number(label="seed", value=0, precision=0, elem_id="dmin-seed")
-                    steps = gr.Slider(1, 1000, value=num_inference_steps, step=1, label="steps")
-                    guidance = gr.Slider(1.0, 15.0, value=guidance_scale, step=0.5, label="guidance",
-                                         visible=takes_prompt)
-                generate = gr.Button("Generate and attribute", variant="primary", elem_id="dmin-generate")
-                upload = gr.Image(label="or upload an image" + (" (with its prompt above)" if takes_prompt else ""),
-                                  type="pil", elem_id="dmin-upload")
-                attribute = gr.Button("Attribute the uploaded image", elem_id="dmin-attribute")
-                with gr.Row():
-                    k = gr.Slider(1, min(50, index.num_rows), value=min(top_k, index.num_rows), step=1,
-                                  label="top-k", elem_id="dmin-top-k")
-                    exact = gr.Checkbox(label="exact (score every row)", value=False, elem_id="dmin-exact")
-            with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="dmin-status")
-                query = gr.Image(label="query", type="pil", interactive=False, height=256, elem_id="dmin-query")
-                gallery = gr.Gallery(label="most influential training rows", columns=5, height=330,
-                                     object_fit="contain", elem_id="dmin-gallery")
-                chart = gr.Image(label="score per timestep", type="pil", interactive=False, elem_id="dmin-chart")
-                table = gr.Markdown(elem_id="dmin-rows")
-        outputs = [query, gallery, table, chart, status]
-        generate.click(on_generate, [prompt, seed, steps, guidance, k, exact], outputs)
-        attribute.click(on_upload, [upload, prompt, k, exact], outputs)
-    return demo
+    return on_generate, on_upload
+
+
+@dataclass
+class _PageControls:
+    """The page's input components and buttons."""
+
+    prompt: Any
+    seed: Any
+    steps: Any
+    guidance: Any
+    generate: Any
+    upload: Any
+    attribute: Any
+    k: Any
+    exact: Any
+
+
+def _page_controls(gr: ModuleType, num_rows: int, takes_prompt: bool, top_k: int, num_inference_steps: int,
+                   guidance_scale: float) -> _PageControls:
+    """The left column: prompt, generation settings, upload, top-k and exact search (created in page order)."""
+    prompt = gr.Textbox(label="prompt", visible=takes_prompt, elem_id="dmin-prompt", lines=2)
+    with gr.Row():
+        seed = gr.Number(label="seed", value=0, precision=0, elem_id="dmin-seed")
+        steps = gr.Slider(1, 1000, value=num_inference_steps, step=1, label="steps")
+        guidance = gr.Slider(1.0, 15.0, value=guidance_scale, step=0.5, label="guidance", visible=takes_prompt)
+    generate = gr.Button("Generate and attribute", variant="primary", elem_id="dmin-generate")
+    upload = gr.Image(label="or upload an image" + (" (with its prompt above)" if takes_prompt else ""),
+                      type="pil", elem_id="dmin-upload")
+    attribute = gr.Button("Attribute the uploaded image", elem_id="dmin-attribute")
+    with gr.Row():
+        k = gr.Slider(1, min(50, num_rows), value=min(top_k, num_rows), step=1, label="top-k", elem_id="dmin-top-k")
+        exact = gr.Checkbox(label="exact (score every row)", value=False, elem_id="dmin-exact")
+    return _PageControls(prompt, seed, steps, guidance, generate, upload, attribute, k, exact)
+
+
+def _page_outputs(gr: ModuleType) -> list[Any]:
+    """The right column, created in page order; returned as ``[query, gallery, table, chart, status]``, the order
+    of :class:`PageAnswer`'s fields that the handlers return."""
+    status = gr.Markdown(elem_id="dmin-status")
+    query = gr.Image(label="query", type="pil", interactive=False, height=256, elem_id="dmin-query")
+    gallery = gr.Gallery(label="most influential training rows", columns=5, height=330, object_fit="contain",
+                         elem_id="dmin-gallery")
+    chart = gr.Image(label="score per timestep", type="pil", interactive=False, elem_id="dmin-chart")
+    table = gr.Markdown(elem_id="dmin-rows")
+    return [query, gallery, table, chart, status]
 
 
 def load_app_dataset(dataset_name: str | None, dataset_config_name: str | None = None,

@@ -11,11 +11,13 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from .build_directory import check_not_foreign, describe_dataset, prepare_index_directory
 from .config import DMinConfig, require_config
 from .families import detect_family
-from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, resolve_config
-from .index import AttributionIndex, check_not_foreign, describe_dataset, prepare_index_directory
+from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher
+from .index import AttributionIndex
 from .locks import LOCK_NAME, index_write_lock
+from .resolution import resolve_config
 from .store import VectorStoreWriter, merge_manifests
 from .training_data import raw_rows
 
@@ -154,53 +156,67 @@ def cache_dataset(
                                    name=f"part-{rank:03d}-of-{world:03d}", block_size=config.projection_dim)
         _wait(accelerator)  # every process has read the finished rows before any writes more: all split them alike
         remaining = [row for row in range(len(dataset)) if row not in writer.done]
-        share = -(-len(remaining) // world)
-        mine = remaining[rank * share : (rank + 1) * share]
-        rows = dataset.select_columns([c for c in (image_column, caption_column) if c is not None])
-        bar = tqdm(
-            total=len(dataset), initial=len(dataset) - len(remaining), disable=not (progress and is_main),
-            unit="row", desc="Caching DMin gradients", smoothing=0.1,
-        )
         start = time.perf_counter()
-        position, group_size = 0, 1  # the first row alone: it measures how many samples fit one batch
-        try:
-            while position < len(mine):
-                group = mine[position : position + group_size]
-                position += len(group)
-                examples = []
-                try:
-                    for row_id in group:
-                        with _naming_rows([row_id]):
-                            row = rows[row_id]
-                            caption = row[caption_column] if caption_column else None
-                            examples.append(sketcher.prepare(row[image_column], caption))
-                except Exception:
-                    _write_rows(sketcher, writer, group, examples)  # the rows before the failing one are kept
-                    raise
-                _write_rows(sketcher, writer, group, examples)
-                bar.update(world * len(group))  # the other processes advance at about the same pace
-                group_size = max(1, sketcher.batch_samples // len(config.timesteps))  # rows that share a backward
-        finally:
-            try:
-                writer.flush()  # keep every finished row, even when a row fails
-            finally:
-                bar.close()
+        _cache_rows(sketcher, writer, dataset, remaining, (rank, world), (image_column, caption_column),
+                    progress and is_main)
         _wait(accelerator)
         if is_main:
-            merge_manifests(output_dir)
-            index = AttributionIndex(output_dir)
-            # the preconditioner and HNSW index, from the rows; a resumed build may ask for another preconditioning
-            index.refit(config.preconditioning, config.preconditioning_damping)
-            seconds = time.perf_counter() - start
-            megabytes = sum((index.directory / name).stat().st_size for name in index.files()) / 1e6
-            logger.info(
-                f"DMin cache: {index.num_rows} rows in {output_dir} ({len(remaining)} computed in {seconds:.1f} s by "
-                f"{world} process{'es' if world > 1 else ''}, {megabytes:.2f} MB on disk)"
-            )
+            _finish(output_dir, config, len(remaining), start, world)
     _wait(accelerator)
     index = AttributionIndex(output_dir)
     index.dataset = dataset  # the rows digested into dataset.json above: no second pass over every image
     return index
+
+
+def _cache_rows(sketcher: GradientSketcher, writer: VectorStoreWriter, dataset: Any, remaining: list[int],
+                process: tuple[int, int], columns: tuple[str, str | None], progress: bool) -> None:
+    """Sketches and writes this process's contiguous slice of the ``remaining`` rows (``process`` is its rank and
+    the number of processes), as many rows at a time as share one batched backward (the first alone: it measures
+    how many fit). Every finished row is kept, even when a row fails."""
+    (rank, world), (image_column, caption_column) = process, columns
+    share = -(-len(remaining) // world)
+    row_ids = remaining[rank * share : (rank + 1) * share]
+    rows = dataset.select_columns([c for c in columns if c is not None])
+    bar = tqdm(total=len(dataset), initial=len(dataset) - len(remaining), disable=not progress, unit="row",
+               desc="Caching DMin gradients", smoothing=0.1)
+    position, group_size = 0, 1
+    try:
+        while position < len(row_ids):
+            group = row_ids[position : position + group_size]
+            position += len(group)
+            examples = []
+            try:
+                for row_id in group:
+                    with _naming_rows([row_id]):
+                        row = rows[row_id]
+                        caption = row[caption_column] if caption_column else None
+                        examples.append(sketcher.prepare(row[image_column], caption))
+            except Exception:
+                _write_rows(sketcher, writer, group, examples)  # the rows before the failing one are kept
+                raise
+            _write_rows(sketcher, writer, group, examples)
+            bar.update(world * len(group))  # the other processes advance at about the same pace
+            group_size = max(1, sketcher.batch_samples // len(sketcher.config.timesteps))  # rows sharing a backward
+    finally:
+        try:
+            writer.flush()  # keep every finished row, even when a row fails
+        finally:
+            bar.close()
+
+
+def _finish(output_dir: str | os.PathLike, config: DMinConfig, computed: int, start: float, world: int) -> None:
+    """Merges the writers' manifests, fits the preconditioner and HNSW index from the rows and logs what the build
+    did since ``start`` (the main process)."""
+    merge_manifests(output_dir)
+    index = AttributionIndex(output_dir)
+    # the preconditioner and HNSW index, from the rows; a resumed build may ask for another preconditioning
+    index.refit(config.preconditioning, config.preconditioning_damping)
+    seconds = time.perf_counter() - start
+    megabytes = sum((index.directory / name).stat().st_size for name in index.files()) / 1e6
+    logger.info(
+        f"DMin cache: {index.num_rows} rows in {output_dir} ({computed} computed in {seconds:.1f} s by "
+        f"{world} process{'es' if world > 1 else ''}, {megabytes:.2f} MB on disk)"
+    )
 
 
 def _without_transform(dataset: Any) -> Any:

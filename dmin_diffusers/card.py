@@ -10,7 +10,9 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 
 from .config import DMinConfig
 from .families import family_named
-from .objectives import spread_timesteps
+from .output_functions import output_function_named
+from .preconditionings import preconditioning_named
+from .resolution import spread_timesteps
 from .search import KNN_FILES
 
 CARD_TAGS = ["dmin", "data-attribution", "training-data-attribution", "influence-estimation", "diffusers",
@@ -58,14 +60,6 @@ _FIELD_NAMES = [field.name for field in dataclasses.fields(DMinConfig)]
 USER_FIELDS = tuple(_FIELD_NAMES[: _FIELD_NAMES.index("adapter") + 1])
 #: the resolved fields that describe the vectors, published beside the user's settings
 RESOLVED_FIELDS = ("family", "objective", "timesteps", "num_train_timesteps", "parameter_fingerprint")
-#: what the gradient was taken of, for each ``output_function``
-OUTPUT_FUNCTION_TEXT = {
-    "loss": "the training loss ({objective}: the model's prediction against the target of the fixed noise), as "
-            "in the DMin paper",
-    "squared_norm": "the squared L2 norm of the model's output (D-TRAK's output function; it does not use the "
-                    "training target)",
-    "mean": "the mean of the model's output (it does not use the training target)",
-}
 #: where the timesteps sit, for each ``timestep_spacing``
 SPACING_TEXT = {
     "centres": "at the centres of T equal slices of the {steps}-step training schedule",
@@ -95,6 +89,16 @@ def _setting_value(value: Any) -> str:
     return f"`{value}`"
 
 
+def output_function_text(config: DMinConfig) -> str:
+    """What the gradient was taken of: the registered output function's description, with the objective named."""
+    return output_function_named(config.output_function).description.replace("{objective}", str(config.objective))
+
+
+def preconditioning_text(config: DMinConfig) -> str:
+    """How a row's influence on a query is computed: the registered preconditioning's description."""
+    return preconditioning_named(config.preconditioning).description.format(damping=config.preconditioning_damping)
+
+
 def describe_recipe(config: DMinConfig) -> str:
     """How the vectors were computed, in words: preprocessing, timesteps, noise and the output function."""
     steps = config.num_train_timesteps
@@ -104,7 +108,7 @@ def describe_recipe(config: DMinConfig) -> str:
              else SPACING_TEXT[config.timestep_spacing].format(steps=steps or "N"))
     draws = f", averaged over {config.noise_draws} noise draws per timestep" if config.noise_draws > 1 else ""
     crop = "center-cropped" if config.center_crop else "cropped at the top-left corner"
-    output = OUTPUT_FUNCTION_TEXT[config.output_function].format(objective=config.objective)
+    output = output_function_text(config)
     return (
         f"Every training row (image, prompt) went through the model as in training: the image resized "
         f"({config.image_interpolation_mode}) and {crop} to {config.resolution} pixels, at {config.num_timesteps} "
@@ -112,19 +116,8 @@ def describe_recipe(config: DMinConfig) -> str:
         f"The gradient of {output} was taken with respect to the tracked parameters; each timestep's gradient was "
         "L2-normalised and compressed to K values (a keyed permutation, random signs and group sums), giving one "
         "row of T x K values per training row. A query image goes through the same steps, and a row's influence "
-        f"on it is {PRECONDITIONING_TEXT[config.preconditioning].format(damping=config.preconditioning_damping)}."
+        f"on it is {preconditioning_text(config)}."
     )
-
-
-PRECONDITIONING_TEXT = {
-    "none": "the inner product of their rows",
-    "centered": "the sum over timesteps of the cosine of their rows after removing the rows' mean",
-    "kernel": ("the sum over timesteps of TRAK's kernel product q^T (C + λI)^-1 g, C the stored rows' second-moment "
-               "matrix and λ = {damping:g} x its largest eigenvalue, with the query normalised in that geometry"),
-    "centered-kernel": ("the sum over timesteps of TRAK's kernel product (q - μ)^T (C + λI)^-1 (g - μ), μ the stored "
-                        "rows' mean, C their covariance and λ = {damping:g} x its largest eigenvalue, with the query "
-                        "normalised in that geometry"),
-}
 
 
 @dataclass
@@ -155,7 +148,8 @@ def usage_snippet(config: DMinConfig, repo_id: str, repo_type: str = "dataset", 
     if config.adapter:
         lines.append(f'pipe.load_lora_weights("{config.adapter}")')
     lines.append(f'pipe.load_attribution_index("{repo_id}"{extra})')
-    call = "pipe.attribute(image, top_k=10)" if config.family == "ddpm" else "pipe.attribute(image, prompt, top_k=10)"
+    takes_prompt = family.takes_prompt if family is not None else True
+    call = "pipe.attribute(image, prompt, top_k=10)" if takes_prompt else "pipe.attribute(image, top_k=10)"
     lines += [
         f"result = {call}  # exact=True scores every row",
         "result.indices, result.scores  # training-row indices, most influential first",
@@ -164,29 +158,22 @@ def usage_snippet(config: DMinConfig, repo_id: str, repo_type: str = "dataset", 
     return "\n".join(lines)
 
 
-def make_index_card(
-    index: IndexSummary, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
-) -> DatasetCard:
-    """A dataset card describing an index: model, training data, DMin settings, storage, how it was built and how
-    to use it. Its metadata carries :data:`CARD_TAGS`, ``viewer: false`` (the files are not a table) and the
-    DMin settings under ``dmin``."""
-    config, info, manifest = index.config, index.dataset_info, index.manifest
-    files = manifest.get("files", {})
-    shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
-    knn_bytes = sum(int(files.get(name, {}).get("bytes", 0)) for name in KNN_FILES)
-    knn_dim = index.knn_dim
-    num_rows = int(info.get("num_rows") or index.num_rows)
-    dataset_name = info.get("name")
-    data = DatasetCardData(
+def _card_data(index: IndexSummary, num_rows: int) -> DatasetCardData:
+    """The card's YAML metadata."""
+    config, dataset_name = index.config, index.dataset_info.get("name")
+    return DatasetCardData(
         pretty_name=f"DMin attribution index of {dataset_name or 'a training set'}",
         tags=list(CARD_TAGS) + ([config.family] if config.family else []),
         size_categories=size_category(num_rows),
         source_datasets=[dataset_name] if dataset_name and "/" in dataset_name else None,
         viewer=False,
         base_model=config.base_model,
-        dmin=card_settings(config, knn_dim, num_rows),
+        dmin=card_settings(config, index.knn_dim, num_rows),
     )
-    model_rows = [
+
+
+def _model_rows(config: DMinConfig) -> list[tuple[str, Any]]:
+    return [
         ("base model", f"`{config.base_model}`" if config.base_model else "not recorded"),
         ("adapter", f"`{config.adapter}`" if config.adapter else None),
         ("pipeline family", config.family),
@@ -194,8 +181,11 @@ def make_index_card(
         ("weights dtype when built", config.denoiser_dtype),
         ("parameter fingerprint", f"`{config.parameter_fingerprint}`"),
     ]
-    data_rows = [
-        ("dataset", _dataset_link(dataset_name) or "a local dataset (not on the Hub)"),
+
+
+def _data_rows(info: dict[str, Any], num_rows: int) -> list[tuple[str, Any]]:
+    return [
+        ("dataset", _dataset_link(info.get("name")) or "a local dataset (not on the Hub)"),
         ("config", info.get("config_name")),
         ("revision", f"`{info['revision']}`" if info.get("revision") else "not pinned"),
         ("split", info.get("split")),
@@ -204,54 +194,83 @@ def make_index_card(
         ("image column", f"`{info.get('image_column')}`" if info.get("image_column") else None),
         ("caption column", f"`{info.get('caption_column')}`" if info.get("caption_column") else None),
     ]
+
+
+def _setting_rows(config: DMinConfig, knn_dim: int, num_rows: int) -> list[tuple[str, Any]]:
     shown_elsewhere = ("base_model", "adapter", "family", "parameter_fingerprint")  # in the model table
-    setting_rows = [
+    return [
         (f"`{name}`", _setting_value(value)) for name, value in card_settings(config, knn_dim, num_rows).items()
         if name not in shown_elsewhere and name != "rows"
     ]
-    storage_rows = [
+
+
+def _storage_rows(index: IndexSummary) -> list[tuple[str, Any]]:
+    config, manifest = index.config, index.manifest
+    files = manifest.get("files", {})
+    shard_bytes = sum(int(shard["bytes"]) for shard in manifest.get("shards", []))
+    knn_bytes = sum(int(files.get(name, {}).get("bytes", 0)) for name in KNN_FILES)
+    return [
         ("rows x values", f"{index.num_rows:,} x {config.row_dim:,} ({config.storage_dtype})"),
         ("vector shards", f"{len(manifest.get('shards', []))} safetensors files, {_megabytes(shard_bytes)}"),
         ("HNSW files", _megabytes(knn_bytes) if knn_bytes else "not included (rebuilt on first use)"),
         ("total", _megabytes(index.total_bytes)),
     ]
-    body = f"""
-# {data.pretty_name}
 
-A [DMin]({PAPER_URL}) training-data attribution index, made with
+
+_CARD_BODY = """
+# {title}
+
+A [DMin]({paper}) training-data attribution index, made with
 [dmin-diffusers](https://pypi.org/project/dmin-diffusers/): for an image generated by the model below, it finds
 the training rows that influenced it most, in milliseconds, without recomputing any training gradient.
 
 ## Model
 
-{_table(model_rows)}
+{model}
 
 ## Training data
 
-{_table(data_rows)}
+{data}
 
 ## DMin settings
 
-{_table(setting_rows)}
+{settings}
 
 ## Storage
 
-{_table(storage_rows)}
+{storage}
 
 ## How it was built
 
-{describe_recipe(config)}
+{recipe}
 The rows are stored in safetensors shards listed in `manifest.json`
 with the sha256 and size of every file, checked when the index is loaded.
 
 ## Usage
 
 ```python
-{usage_snippet(config, repo_id, repo_type, subfolder)}
+{usage}
 ```
 
 The pipeline must be the one the index was built for: its tracked parameters (names, shapes and values), the
 rest of its denoiser and its training objective are compared with `dmin_config.json`, and a mismatch is refused
 unless `strict=False` is passed.
 """
+
+
+def make_index_card(
+    index: IndexSummary, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
+) -> DatasetCard:
+    """A dataset card describing an index: model, training data, DMin settings, storage, how it was built and how
+    to use it. Its metadata carries :data:`CARD_TAGS`, ``viewer: false`` (the files are not a table) and the
+    DMin settings under ``dmin``."""
+    config = index.config
+    num_rows = int(index.dataset_info.get("num_rows") or index.num_rows)
+    data = _card_data(index, num_rows)
+    body = _CARD_BODY.format(
+        title=data.pretty_name, paper=PAPER_URL, model=_table(_model_rows(config)),
+        data=_table(_data_rows(index.dataset_info, num_rows)),
+        settings=_table(_setting_rows(config, index.knn_dim, num_rows)), storage=_table(_storage_rows(index)),
+        recipe=describe_recipe(config), usage=usage_snippet(config, repo_id, repo_type, subfolder),
+    )
     return DatasetCard(f"---\n{data.to_yaml()}\n---\n{body}")

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 from huggingface_hub.errors import HfHubHTTPError
 
+from .app import DEFAULT_NUM_INFERENCE_STEPS
 from .caching import DEFAULT_CAPTION_COLUMN, DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import SCORING_FIELDS, DMinConfig
 from .gradients import DEFAULT_BATCH_BYTES
+from .hub import DEFAULT_REPO_TYPE
 from .index import AttributionIndex
 from .inputs import open_image
 from .locks import IndexBusyError
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--dataset_config_name", default=None)
     app.add_argument("--train_data_dir", default=None, help="an imagefolder of the training rows")
     app.add_argument("--top_k", type=int, default=DEFAULT_TOP_K)
-    app.add_argument("--num_inference_steps", type=int, default=30, help="the page's default generation steps")
+    app.add_argument("--num_inference_steps", type=int, default=DEFAULT_NUM_INFERENCE_STEPS, help="the page's default generation steps")
     app.add_argument("--host", default=None,
                      help="address to serve the page on (default: $GRADIO_SERVER_NAME, else 127.0.0.1)")
     app.add_argument("--port", type=int, default=None,
@@ -214,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--token", default=None)
     push.add_argument("--branch", "--revision", dest="branch", default=None, help="branch to push to")
     push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
-    push.add_argument("--repo_type", default="dataset")
+    push.add_argument("--repo_type", default=DEFAULT_REPO_TYPE)
     return parser
 
 

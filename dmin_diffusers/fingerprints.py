@@ -1,18 +1,21 @@
-"""Fingerprints of what an index's vectors and row ids depend on, beyond the tracked parameters: the models and
-tokenizers that turn an (image, prompt) into denoiser inputs, and the training dataset's rows.
+"""Fingerprints of what an index's vectors and row ids depend on: the tracked parameters (names, shapes and a
+digest of their values), the rest of the denoiser, the models and tokenizers that turn an (image, prompt) into
+denoiser inputs, the training objective, and the training dataset's rows.
 
-The model fingerprint samples weights, so it costs milliseconds on models of billions of parameters: two different
-checkpoints differ in nearly every weight. The dataset digest covers every row (one edited image must be caught),
-by content and without decoding: it reads each image's stored bytes or file once.
+The denoiser and input-model fingerprints sample weights, so they cost milliseconds on models of billions of
+parameters: two different checkpoints differ in nearly every weight. The tracked parameters are hashed in full. The
+dataset digest covers every row (one edited image must be caught), by content and without decoding: it reads each
+image's stored bytes or file once.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,13 @@ import datasets
 import torch
 from datasets.utils.file_utils import is_local_path
 
+NamedParameters = list[tuple[str, torch.nn.Parameter]]
+
 _SAMPLES = 16  # values sampled per tensor, rows sampled per dataset
 _BASE_LAYER = re.compile(r"\.base_layer(?=\.)")
+#: the pipeline components that turn an (image, prompt) into the denoiser's inputs, unless a family declares others
+#: (``PipelineFamily.input_models``): ``fnmatch`` patterns of component names
+DEFAULT_INPUT_MODELS = ("vae", "text_encoder*", "tokenizer*")
 
 
 def float16_bytes(values: torch.Tensor) -> bytes:
@@ -53,16 +61,23 @@ def _tokenizer_state(tokenizer: Any) -> list:
     return [type(tokenizer).__name__, getattr(tokenizer, "model_max_length", None), vocabulary]
 
 
-def input_models_fingerprint(pipeline: Any) -> str | None:
-    """A fingerprint of the pipeline's components that encode images and prompts: the VAE (sampled weights and its
-    ``scaling_factor`` / ``shift_factor``), every text encoder (sampled weights) and every tokenizer (class,
-    length and vocabulary). ``None`` if a weight has no values (``meta`` device)."""
+def input_model_components(
+    pipeline: Any, input_models: Sequence[str] = DEFAULT_INPUT_MODELS
+) -> list[tuple[str, Any]]:
+    """The pipeline's components whose names match one of the ``input_models`` patterns (and are not ``None``),
+    sorted by name."""
     components = getattr(pipeline, "components", {}) or {}
+    return [(name, components[name]) for name in sorted(components)
+            if components[name] is not None and any(fnmatch.fnmatchcase(name, pattern) for pattern in input_models)]
+
+
+def input_models_fingerprint(pipeline: Any, input_models: Sequence[str] = DEFAULT_INPUT_MODELS) -> str | None:
+    """A fingerprint of the pipeline's components that encode images and prompts, those named by ``input_models``
+    (by default the VAE, every text encoder and every tokenizer): a model's sampled weights (for the ``vae``, with
+    its ``scaling_factor`` / ``shift_factor``) and a tokenizer's class, length and vocabulary. ``None`` if a weight
+    has no values (``meta`` device)."""
     digest = hashlib.sha256()
-    for name in sorted(components):
-        component = components[name]
-        if component is None or not (name == "vae" or name.startswith(("text_encoder", "tokenizer"))):
-            continue
+    for name, component in input_model_components(pipeline, input_models):
         digest.update(name.encode())
         if isinstance(component, torch.nn.Module):
             if not add_sampled_parameters(digest, component.named_parameters()):
@@ -73,6 +88,80 @@ def input_models_fingerprint(pipeline: Any) -> str | None:
         else:
             digest.update(json.dumps(_tokenizer_state(component), ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------- tracked parameters
+
+_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+")
+_DIGEST_CHUNK = 1 << 24  # elements hashed at a time, so a large parameter is never copied whole
+
+
+def describe_parameters(parameters: NamedParameters) -> list[list]:
+    """``[name, shape]`` for each tracked parameter, as recorded in the config.
+
+    The peft adapter name is left out of LoRA names (``...to_q.lora_A.weight``): a training script calls its
+    adapter ``default`` and ``load_lora_weights`` calls the same weights ``default_0``.
+    """
+    return [[_ADAPTER_NAME.sub(r".\1", name), list(p.shape)] for name, p in parameters]
+
+
+def parameter_value_digest(parameter: torch.Tensor) -> str | None:
+    """A digest of a parameter's values: sha256 (first 16 hex digits) of its shape and its values cast to
+    float16 on the CPU.
+
+    The cast makes the digest the same for float32 and float16 copies of the same weights (a float16 copy is
+    the same round-to-nearest cast of the float32 values) and on every device. A bfloat16 copy rounds
+    differently, so its digest differs. ``None`` for parameters without values (on the ``meta`` device).
+    """
+    if parameter.device.type == "meta":
+        return None
+    digest = hashlib.sha256(json.dumps(list(parameter.shape)).encode())
+    flat = parameter.detach().reshape(-1)
+    for start in range(0, flat.numel(), _DIGEST_CHUNK):
+        digest.update(float16_bytes(flat[start : start + _DIGEST_CHUNK]))
+    return digest.hexdigest()[:16]
+
+
+def parameter_digests(parameters: NamedParameters) -> list[str] | None:
+    """:func:`parameter_value_digest` of each tracked parameter, or ``None`` if any has no values."""
+    digests = [parameter_value_digest(p) for _, p in parameters]
+    return None if None in digests else digests
+
+
+def parameter_fingerprint(description: list[list], digests: list[str] | None = None) -> str:
+    """One digest of the tracked parameters: their names and shapes and, when given, their value digests."""
+    payload = description if digests is None else [description, digests]
+    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def denoiser_fingerprint(denoiser: torch.nn.Module, tracked: NamedParameters) -> str | None:
+    """A cheap fingerprint of the denoiser outside the tracked parameters and the LoRA adapters: every other
+    parameter's name and shape, and 16 of its values (evenly spaced, cast to float16 on the CPU as in
+    :func:`parameter_value_digest`). Different base checkpoints differ in nearly every value, so a sample is
+    enough to tell them apart without hashing gigabytes. peft's ``.base_layer`` is left out of names, so a
+    denoiser with and without an adapter has the same base fingerprint. ``None`` if a weight is on ``meta``."""
+    tracked_ids = {id(p) for _, p in tracked}
+    digest = hashlib.sha256()
+    others = ((name, p) for name, p in denoiser.named_parameters() if id(p) not in tracked_ids and ".lora_" not in name)
+    return digest.hexdigest()[:16] if add_sampled_parameters(digest, others) else None
+
+
+def objective_fingerprint(objective: Any, timesteps: list[int]) -> str:
+    """A digest of what the training objective does at each recorded timestep: the noisy input, the target and
+    the model timestep it produces for a clean value ``x = (1, 0)`` and noise ``(0, 1)`` (so the coefficients of
+    ``x`` and of the noise), printed to 6 significant digits. Two schedulers with the same name but another noise
+    schedule, shift or prediction type give different fingerprints."""
+    latents = torch.tensor([[1.0, 0.0]])
+    noise = torch.tensor([[0.0, 1.0]])
+    values = [objective.name]
+    for timestep in timesteps:
+        noised = objective.noised(latents, noise, int(timestep))
+        numbers = torch.cat([noised.noisy.reshape(-1), noised.target.reshape(-1), noised.model_timestep.reshape(-1)])
+        values.append(" ".join(f"{float(v):.5e}" for v in numbers.float()))
+    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------- dataset rows
 
 
 def _value_bytes(value: Any) -> bytes:
@@ -87,8 +176,6 @@ def _value_bytes(value: Any) -> bytes:
     json.dump(value, buffer, default=str, sort_keys=True)
     return buffer.getvalue().encode()
 
-
-# --------------------------------------------------------------------------------------------- dataset rows
 
 #: the prefix of a digest over every row (:func:`dataset_digest`); older indices recorded 16 hex digits of a sample
 ROWS_DIGEST_PREFIX = "rows-sha256:"

@@ -11,13 +11,8 @@ time. The flattened gradient is never built on any path.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
-import hashlib
-import json
 import logging
-import os
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,16 +21,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import DMinConfig, default_knn_dim
+from .config import DMinConfig
 from .families.base import PipelineFamily, PreparedExample
-from .fingerprints import add_sampled_parameters, float16_bytes, input_models_fingerprint
 from .inputs import ImageInput
-from .model_state import adapter_fingerprint, model_lock
-from .objectives import spread_timesteps
+from .model_state import model_lock
+from .output_functions import output_function_named
 from .per_layer import LayerRecorder, plan_layers
+from .resolution import select_tracked_parameters
 from .sketch import SketchProjector
 
-NamedParameters = list[tuple[str, torch.nn.Parameter]]
 logger = logging.getLogger(__name__)
 
 
@@ -50,111 +44,6 @@ def _exclusive(method):
             return method(self, *args, **kwargs)
 
     return holding_the_model_lock
-
-
-def select_tracked_parameters(denoiser: torch.nn.Module, patterns: list[str] | None = None) -> NamedParameters:
-    """The parameters whose gradients DMin uses.
-
-    With ``patterns``: every parameter whose name matches one of the ``fnmatch`` patterns. Otherwise the
-    LoRA (peft) parameters when the denoiser has adapters (those marked trainable, if any are), else all
-    trainable parameters.
-    """
-    named = list(denoiser.named_parameters())
-    if patterns:
-        chosen = [(name, p) for name, p in named if any(fnmatch.fnmatchcase(name, pat) for pat in patterns)]
-        if not chosen:
-            raise ValueError(f"no parameter of the {type(denoiser).__name__} matches {patterns}")
-        return chosen
-    lora = [(name, p) for name, p in named if ".lora_" in name]
-    if lora:
-        trainable = [(name, p) for name, p in lora if p.requires_grad]
-        return trainable or lora
-    trainable = [(name, p) for name, p in named if p.requires_grad]
-    if not trainable:
-        raise ValueError(
-            "the denoiser has no trainable parameters and no LoRA adapter; pass "
-            "DMinConfig(tracked_parameters=[...]) with name patterns"
-        )
-    return trainable
-
-
-_ADAPTER_NAME = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.[^.]+")
-
-
-def describe_parameters(parameters: NamedParameters) -> list[list]:
-    """``[name, shape]`` for each tracked parameter, as recorded in the config.
-
-    The peft adapter name is left out of LoRA names (``...to_q.lora_A.weight``): a training script calls its
-    adapter ``default`` and ``load_lora_weights`` calls the same weights ``default_0``.
-    """
-    return [[_ADAPTER_NAME.sub(r".\1", name), list(p.shape)] for name, p in parameters]
-
-
-_DIGEST_CHUNK = 1 << 24  # elements hashed at a time, so a large parameter is never copied whole
-
-
-def parameter_value_digest(parameter: torch.Tensor) -> str | None:
-    """A digest of a parameter's values: sha256 (first 16 hex digits) of its shape and its values cast to
-    float16 on the CPU.
-
-    The cast makes the digest the same for float32 and float16 copies of the same weights (a float16 copy is
-    the same round-to-nearest cast of the float32 values) and on every device. A bfloat16 copy rounds
-    differently, so its digest differs. ``None`` for parameters without values (on the ``meta`` device).
-    """
-    if parameter.device.type == "meta":
-        return None
-    digest = hashlib.sha256(json.dumps(list(parameter.shape)).encode())
-    flat = parameter.detach().reshape(-1)
-    for start in range(0, flat.numel(), _DIGEST_CHUNK):
-        digest.update(float16_bytes(flat[start : start + _DIGEST_CHUNK]))
-    return digest.hexdigest()[:16]
-
-
-def parameter_digests(parameters: NamedParameters) -> list[str] | None:
-    """:func:`parameter_value_digest` of each tracked parameter, or ``None`` if any has no values."""
-    digests = [parameter_value_digest(p) for _, p in parameters]
-    return None if None in digests else digests
-
-
-def parameter_fingerprint(description: list[list], digests: list[str] | None = None) -> str:
-    """One digest of the tracked parameters: their names and shapes and, when given, their value digests."""
-    payload = description if digests is None else [description, digests]
-    return hashlib.sha256(json.dumps(payload, separators=(",", ":")).encode()).hexdigest()[:16]
-
-
-def denoiser_fingerprint(denoiser: torch.nn.Module, tracked: NamedParameters) -> str | None:
-    """A cheap fingerprint of the denoiser outside the tracked parameters and the LoRA adapters: every other
-    parameter's name and shape, and 16 of its values (evenly spaced, cast to float16 on the CPU as in
-    :func:`parameter_value_digest`). Different base checkpoints differ in nearly every value, so a sample is
-    enough to tell them apart without hashing gigabytes. peft's ``.base_layer`` is left out of names, so a
-    denoiser with and without an adapter has the same base fingerprint. ``None`` if a weight is on ``meta``."""
-    tracked_ids = {id(p) for _, p in tracked}
-    digest = hashlib.sha256()
-    others = ((name, p) for name, p in denoiser.named_parameters() if id(p) not in tracked_ids and ".lora_" not in name)
-    return digest.hexdigest()[:16] if add_sampled_parameters(digest, others) else None
-
-
-def objective_fingerprint(objective, timesteps: list[int]) -> str:
-    """A digest of what the training objective does at each recorded timestep: the noisy input, the target and
-    the model timestep it produces for a clean value ``x = (1, 0)`` and noise ``(0, 1)`` (so the coefficients of
-    ``x`` and of the noise), printed to 6 significant digits. Two schedulers with the same name but another noise
-    schedule, shift or prediction type give different fingerprints."""
-    latents = torch.tensor([[1.0, 0.0]])
-    noise = torch.tensor([[0.0, 1.0]])
-    values = [objective.name]
-    for timestep in timesteps:
-        noised = objective.noised(latents, noise, int(timestep))
-        numbers = torch.cat([noised.noisy.reshape(-1), noised.target.reshape(-1), noised.model_timestep.reshape(-1)])
-        values.append(" ".join(f"{float(v):.5e}" for v in numbers.float()))
-    return hashlib.sha256("\n".join(values).encode()).hexdigest()[:16]
-
-
-def default_base_model(pipeline) -> str | None:
-    """The pipeline's ``name_or_path`` when it is a Hub repository id (a local directory is not recorded)."""
-    name = getattr(pipeline, "name_or_path", None)
-    if not isinstance(name, str) or not name or os.path.exists(name) or name.count("/") != 1:
-        return None
-    return name
 
 
 @dataclass
@@ -225,6 +114,7 @@ class GradientSketcher:
         self.config = config
         self.parameters = select_tracked_parameters(family.denoiser, config.tracked_parameters)
         self.objective = family.objective(config.objective)
+        self._output_function = output_function_named(config.output_function).function
         sizes = [p.numel() for _, p in self.parameters]
         if projector is None or (projector.parameter_sizes, projector.dim, projector.seed) != (
             sizes, config.projection_dim, config.seed
@@ -279,12 +169,9 @@ class GradientSketcher:
         return self._reduce_samples(prediction[None], target[None])[0]
 
     def _reduce_samples(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """:meth:`_reduce` of each sample of ``(samples, noise_draws, ...)`` predictions: ``(samples,)``."""
-        if self.config.output_function == "squared_norm":
-            return prediction.square().flatten(1).sum(dim=1) / prediction.shape[1]
-        if self.config.output_function == "mean":
-            return prediction.flatten(1).mean(dim=1)
-        return (prediction - target).square().flatten(1).mean(dim=1)
+        """:meth:`_reduce` of each sample of ``(samples, noise_draws, ...)`` predictions: ``(samples,)``, the
+        config's registered output function (:mod:`~dmin_diffusers.output_functions`)."""
+        return self._output_function(prediction, target)
 
     @_exclusive
     def output(self, example: PreparedExample, position: int) -> torch.Tensor:
@@ -509,50 +396,3 @@ class GradientSketcher:
                 )
                 rows.append(flat / flat.norm().clamp_min(1e-30) if normalize else flat)
         return torch.stack(rows).cpu()
-
-
-def resolve_config(config: DMinConfig, family: PipelineFamily) -> DMinConfig:
-    """Fills in the fields that come from the pipeline: family, objective, timesteps, resolution, the tracked
-    parameters with their value digests and fingerprint, and the denoiser and objective fingerprints; and
-    ``knn_dim``, when unset, with its default. Fields already set are kept (and validated)."""
-    objective = family.objective(config.objective)
-    num_train = objective.num_train_timesteps
-    timesteps = config.timesteps or spread_timesteps(config.num_timesteps, num_train, config.timestep_spacing)
-    bad = [t for t in timesteps if not 0 <= t < num_train]
-    if bad:
-        raise ValueError(f"timesteps {bad} are outside the training schedule [0, {num_train})")
-    resolution = config.resolution or family.native_resolution()
-    factor = family.resolution_multiple
-    if resolution % factor:
-        raise ValueError(f"resolution {resolution} is not a multiple of {factor} (the image size step of {family.name} "
-                         "pipelines)")
-    tracked = select_tracked_parameters(family.denoiser, config.tracked_parameters)
-    description = describe_parameters(tracked)
-    digests = parameter_digests(tracked)
-    return config.replace(
-        family=family.name,
-        objective=objective.name,
-        num_train_timesteps=num_train,
-        timesteps=list(timesteps),
-        resolution=resolution,
-        **family.resolved_settings(config),
-        knn_dim=config.knn_dim or default_knn_dim(config.projection_dim),
-        parameters=description,
-        parameter_fingerprint=parameter_fingerprint(description, digests),
-        parameter_digests=digests,
-        denoiser_fingerprint=denoiser_fingerprint(family.denoiser, tracked),
-        input_models_fingerprint=input_models_fingerprint(family.pipeline),
-        objective_fingerprint=objective_fingerprint(objective, timesteps),
-        adapter_fingerprint=adapter_fingerprint(family.denoiser),
-        denoiser_dtype=str(family.denoiser.dtype).removeprefix("torch."),
-        base_model=config.base_model or default_base_model(family.pipeline),
-    )
-
-
-def check_config_matches(index_config: DMinConfig, family: PipelineFamily) -> list[str]:
-    """What differs between an index's config and the same config resolved against ``family``'s pipeline."""
-    try:
-        here = resolve_config(index_config.unresolved(), family)
-    except ValueError as error:
-        return [str(error)]
-    return index_config.differences(here)

@@ -15,11 +15,12 @@ from diffusers import DiffusionPipeline
 from .caching import DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
-from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher, check_config_matches, select_tracked_parameters
+from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher
 from .hub import resolve_index_location
 from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
 from .model_state import ModelMismatchError, model_lock, pipeline_state
+from .resolution import check_config_matches, select_tracked_parameters
 from .result import AttributionResult
 
 
@@ -156,41 +157,50 @@ class InfluenceMixin:
         A Hub index is checked against the pipeline from its config alone, before its vectors are downloaded.
         """
         family = detect_family(self)
-
-        def check(source: str, config: DMinConfig) -> None:
-            differences = check_config_matches(config, family)
-            if not differences:
-                return
-            message = (
-                f"the attribution index {source} does not belong to this {type(self).__name__}: "
-                + "; ".join(differences)
-            )
-            if strict:
-                raise ModelMismatchError(message + " (pass strict=False to use it anyway)")
-            warnings.warn(message, stacklevel=3)
-
         index = pretrained_index_name_or_path
         if isinstance(index, AttributionIndex):
-            check(index.source, index.config)
+            self._check_belongs(family, index.source, index.config, strict)
         else:
-            location = resolve_index_location(
-                index, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
-                repo_type=kwargs.get("repo_type", "dataset"), subfolder=kwargs.get("subfolder"), metadata_only=True,
-            )
-            if location.from_hub:  # refuse a Hub index from its config, before downloading its vectors
-                check(location.source, DMinConfig.from_json_file(location.directory / CONFIG_NAME))
-                revision = location.commit or revision
-            index = AttributionIndex.from_pretrained(
-                index, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only, **kwargs
-            )
-            if not location.from_hub:
-                check(index.source, index.config)
+            index = self._open_index(index, family, strict, revision=revision, token=token, cache_dir=cache_dir,
+                                     local_files_only=local_files_only, **kwargs)
         if dataset is not None:
             index.attach_dataset(dataset, strict=strict)
         with model_lock(family.denoiser):
             sketcher = GradientSketcher(family, index.config)
             self._attached = _Attached(index, sketcher, _state_of(sketcher), bool(strict))
         return index
+
+    def _open_index(self, name_or_path: str | os.PathLike, family: PipelineFamily, strict: bool, *,
+                    revision: str | None, **kwargs: Any) -> AttributionIndex:
+        """Opens an index from a directory or the Hub (``kwargs`` as in ``AttributionIndex.from_pretrained``) and
+        checks that it belongs to this pipeline: a Hub index from its config alone, before its vectors are
+        downloaded (then from the commit that config was read from)."""
+        location = resolve_index_location(
+            name_or_path, revision=revision, token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
+            local_files_only=kwargs.get("local_files_only", False), repo_type=kwargs.get("repo_type", "dataset"),
+            subfolder=kwargs.get("subfolder"), metadata_only=True,
+        )
+        if not location.from_hub:
+            index = AttributionIndex.from_pretrained(name_or_path, revision=revision, **kwargs)
+            self._check_belongs(family, index.source, index.config, strict, stacklevel=4)
+            return index
+        self._check_belongs(family, location.source, DMinConfig.from_json_file(location.directory / CONFIG_NAME),
+                            strict, stacklevel=4)
+        return AttributionIndex.from_pretrained(name_or_path, revision=location.commit or revision, **kwargs)
+
+    def _check_belongs(self, family: PipelineFamily, source: str, config: DMinConfig, strict: bool,
+                       stacklevel: int = 3) -> None:
+        """Refuses (:class:`~dmin_diffusers.model_state.ModelMismatchError`) or, unless ``strict``, warns about
+        an index whose config does not match this pipeline. ``stacklevel`` points the warning at the caller of
+        ``load_attribution_index``."""
+        differences = check_config_matches(config, family)
+        if not differences:
+            return
+        message = f"the attribution index {source} does not belong to this {type(self).__name__}: " + "; ".join(
+            differences)
+        if strict:
+            raise ModelMismatchError(message + " (pass strict=False to use it anyway)")
+        warnings.warn(message, stacklevel=stacklevel)
 
     def unload_attribution_index(self) -> None:
         """Detaches the attribution index (and the state computed for it), as ``unload_lora_weights`` does for
@@ -301,7 +311,7 @@ def _state_of(sketcher: GradientSketcher) -> str:
     family = sketcher.family
     denoiser = family.denoiser
     return pipeline_state(family.pipeline, denoiser,
-                          select_tracked_parameters(denoiser, sketcher.config.tracked_parameters))
+                          select_tracked_parameters(denoiser, sketcher.config.tracked_parameters), family.input_models)
 
 
 def _refuse_zero_timesteps(vectors: torch.Tensor, timesteps: list[int]) -> None:

@@ -1,7 +1,7 @@
 """The model a query runs on must be the model its index was built on, at every query and not only at load.
 
 An index's config records fingerprints of the pipeline it was built with (see
-:func:`~dmin_diffusers.gradients.resolve_config`); comparing them in full hashes every tracked value, which is too
+:func:`~dmin_diffusers.resolution.resolve_config`); comparing them in full hashes every tracked value, which is too
 slow for every query on a large model. :func:`pipeline_state` is a cheap summary of everything a query's vector
 depends on: which modules the pipeline holds, which parameters are tracked, how peft adapters act (scales, active,
 disabled, merged: :func:`adapter_fingerprint`), the weights' storage and version counters and a sample of each. A
@@ -19,14 +19,13 @@ import hashlib
 import json
 import threading
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from .fingerprints import _SAMPLES
-
-NamedParameters = list[tuple[str, torch.nn.Parameter]]
+from .fingerprints import _SAMPLES, DEFAULT_INPUT_MODELS, NamedParameters, input_model_components
 
 
 class ModelMismatchError(ValueError):
@@ -83,20 +82,19 @@ def _gathered(samples: list[torch.Tensor]) -> bytes:
     return b"".join(torch.cat(group).to("cpu", torch.float32).numpy().tobytes() for group in groups.values())
 
 
-def pipeline_state(pipeline: Any, denoiser: torch.nn.Module, tracked: NamedParameters) -> str:
+def pipeline_state(pipeline: Any, denoiser: torch.nn.Module, tracked: NamedParameters,
+                   input_models: Sequence[str] = DEFAULT_INPUT_MODELS) -> str:
     """A cheap digest of everything a DMin vector of ``pipeline`` depends on (see the module docstring): which
-    denoiser, VAE, text encoders and tokenizers it holds, which parameters are tracked, the identity, storage and
-    version counter of every weight of those models with 16 values sampled from each, and
-    :func:`adapter_fingerprint`. Equal states mean the same model; a different state means that the full check must
-    run again. Costs one pass over the parameter list and one device-to-host copy."""
-    components = getattr(pipeline, "components", {}) or {}
-    models = [("denoiser", denoiser)] + [
-        (name, component) for name, component in sorted(components.items())
-        if isinstance(component, torch.nn.Module) and (name == "vae" or name.startswith("text_encoder"))
-    ]
+    denoiser and input models (the components ``input_models`` names: by default the VAE, text encoders and
+    tokenizers) it holds, which parameters are tracked, the identity, storage and version counter of every weight
+    of those models with 16 values sampled from each, and :func:`adapter_fingerprint`. Equal states mean the same
+    model; a different state means that the full check must run again. Costs one pass over the parameter list and
+    one device-to-host copy."""
+    inputs = input_model_components(pipeline, input_models)
+    models = [("denoiser", denoiser)] + [(name, part) for name, part in inputs if isinstance(part, torch.nn.Module)]
     described: list[Any] = [adapter_fingerprint(denoiser)]
-    described += [[name, id(component), len(component)] for name, component in sorted(components.items())
-                  if name.startswith("tokenizer") and component is not None and hasattr(component, "__len__")]
+    described += [[name, id(part), len(part)] for name, part in inputs
+                  if not isinstance(part, torch.nn.Module) and hasattr(part, "__len__")]
     described += [[name, id(parameter), parameter._version] for name, parameter in tracked]
     samples = []  # the tracked parameters are the denoiser's: sampled with it below
     for name, model in models:

@@ -23,12 +23,14 @@ class NoisedInput:
     target: torch.Tensor
 
 
-def objective_name(scheduler) -> str:
-    """Picks the training objective from a pipeline's scheduler: flow matching for flow-match schedulers,
-    else the config's ``prediction_type`` (``epsilon``, ``v_prediction`` or ``sample``)."""
-    if "FlowMatch" in type(scheduler).__name__:
-        return "flow_matching"
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+def objective_name(scheduler, default: str | None = None) -> str:
+    """The training objective of a pipeline's scheduler: the ``prediction_type`` its config names (``epsilon``,
+    ``v_prediction`` or ``sample``); a config that names none (a flow-matching scheduler's) trains ``default``, the
+    family's declared objective (:attr:`~dmin_diffusers.families.PipelineFamily.training_objective`), else
+    ``epsilon``."""
+    prediction_type = scheduler.config.get("prediction_type")
+    if prediction_type is None:
+        return default or "epsilon"
     if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"unsupported prediction_type {prediction_type!r} in the scheduler config")
     return prediction_type
@@ -81,39 +83,10 @@ class FlowMatchingObjective:
         )
 
 
-def make_objective(scheduler, name: str | None = None):
-    """The objective for a pipeline's scheduler; ``name`` overrides the automatic choice."""
-    name = name or objective_name(scheduler)
+def make_objective(scheduler, name: str | None = None, default: str | None = None):
+    """The objective for a pipeline's scheduler (:func:`objective_name`, with ``default`` for a scheduler config
+    that names none); ``name`` overrides the choice."""
+    name = name or objective_name(scheduler, default)
     if name == "flow_matching":
         return FlowMatchingObjective(scheduler.config)
     return DiffusionObjective(scheduler.config, name)
-
-
-def spread_timesteps(num_timesteps: int, num_train_timesteps: int, spacing: str = "centres") -> list[int]:
-    """``T`` distinct training timesteps in ascending order, placed by ``spacing``:
-
-    - ``"centres"``: the centres of ``T`` equal slices of the schedule (the paper's placement);
-    - ``"linspace"``: evenly spaced from 0 to ``N - 1``, both ends included (the middle step for ``T = 1``);
-    - ``"cubic"``: ``(N - 1)(1 - (i / T)^3)`` for ``i = 1..T``, as the official DMin code places them (dense at
-      high noise).
-    """
-    if num_timesteps > num_train_timesteps:
-        raise ValueError(f"num_timesteps ({num_timesteps}) exceeds the schedule's {num_train_timesteps} steps")
-    last = num_train_timesteps - 1
-    if spacing == "centres":
-        values = [int((i + 0.5) * num_train_timesteps / num_timesteps) for i in range(num_timesteps)]
-    elif spacing == "linspace":
-        values = [round(i * last / (num_timesteps - 1)) for i in range(num_timesteps)] if num_timesteps > 1 else [
-            last // 2
-        ]
-    elif spacing == "cubic":
-        values = [round(last * (1 - (i / num_timesteps) ** 3)) for i in range(1, num_timesteps + 1)]
-    else:
-        raise ValueError(f"unknown timestep spacing {spacing!r}")
-    values = sorted(values)
-    if len(set(values)) != len(values):
-        raise ValueError(
-            f"{spacing!r} spacing puts some of {num_timesteps} timesteps on the same step of a {num_train_timesteps}-"
-            "step schedule; choose fewer timesteps or another spacing"
-        )
-    return values

@@ -10,10 +10,12 @@ import hnswlib
 import numpy as np
 import torch
 
+from .hnsw import HNSW_SPACE, build_hnsw, query_hnsw
 from .knn_projection import KNN_PROJECTION_NAME, project, save_projection
 from .preconditioner import Preconditioner
 from .sketch import fold_sketch
-from .store import VectorStore, sync_file
+from .config import DMinConfig
+from .store import CHUNK_ROWS, VectorStore, sync_file
 
 KNN_NAME = "knn.bin"
 #: the files of the HNSW index, both optional (rebuilt from the rows when missing)
@@ -21,7 +23,7 @@ KNN_FILES = (KNN_NAME, KNN_PROJECTION_NAME)
 
 
 def exact_top_k(
-    store: VectorStore, query: torch.Tensor, top_k: int, chunk_rows: int = 8192,
+    store: VectorStore, query: torch.Tensor, top_k: int, chunk_rows: int = CHUNK_ROWS,
     preconditioner: Preconditioner | None = None,
 ):
     """Scores of ``query`` (``row_dim`` values) against every stored row, streamed in chunks: inner products, or
@@ -68,12 +70,6 @@ def knn_vectors(
     return folded.reshape(vectors.shape[0], -1).numpy().astype(np.float32, copy=False)
 
 
-def search_ef(count: int) -> int:
-    """hnswlib's ``ef`` (the size of its candidate list) for ``count`` results: 10x as many, at least 100. At 100k
-    rows, ``ef = count`` found 88 % of the true 40 nearest vectors and 10x found all of them, for under 1 ms."""
-    return max(10 * count, 100)
-
-
 class KnnIndex:
     """An hnswlib inner-product index over projected or folded rows; labels are dataset row ids. Saved as
     ``knn.bin`` and, for a projection, ``knn_projection.safetensors`` beside it. With a ``preconditioner``, rows
@@ -90,16 +86,15 @@ class KnnIndex:
 
     @classmethod
     def build(
-        cls, store: VectorStore, num_timesteps: int, knn_dim: int, m: int = 32, ef_construction: int = 200,
-        chunk_rows: int = 8192, projection: torch.Tensor | None = None,
+        cls, store: VectorStore, num_timesteps: int, knn_dim: int, m: int = DMinConfig.hnsw_m,
+        ef_construction: int = DMinConfig.hnsw_ef_construction,
+        chunk_rows: int = CHUNK_ROWS, projection: torch.Tensor | None = None,
         preconditioner: Preconditioner | None = None,
     ) -> "KnnIndex":
-        knn = cls(hnswlib.Index(space="ip", dim=num_timesteps * knn_dim), num_timesteps, knn_dim, projection,
-                  preconditioner)
-        knn.index.init_index(max_elements=max(store.num_rows, 1), M=m, ef_construction=ef_construction, random_seed=0)
-        for row_ids, vectors in store.iter_chunks(chunk_rows):
-            # as many threads as torch uses: hnswlib's default (every core) collapses on a shared machine
-            knn.index.add_items(knn.row_vectors(vectors, row_ids), row_ids.numpy(), num_threads=torch.get_num_threads())
+        knn = cls(None, num_timesteps, knn_dim, projection, preconditioner)  # its row_vectors feed the graph
+        chunks = ((row_ids.numpy(), knn.row_vectors(vectors, row_ids))
+                  for row_ids, vectors in store.iter_chunks(chunk_rows))
+        knn.index = build_hnsw(chunks, num_timesteps * knn_dim, store.num_rows, m, ef_construction)
         return knn
 
     def mapped(self, vectors: torch.Tensor, row_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -120,7 +115,7 @@ class KnnIndex:
         cls, path: str | os.PathLike, num_timesteps: int, knn_dim: int, num_rows: int,
         projection: torch.Tensor | None = None, preconditioner: Preconditioner | None = None,
     ) -> "KnnIndex":
-        index = hnswlib.Index(space="ip", dim=num_timesteps * knn_dim)
+        index = hnswlib.Index(space=HNSW_SPACE, dim=num_timesteps * knn_dim)
         index.load_index(str(path), max_elements=max(num_rows, 1))
         if index.get_current_count() != num_rows:
             raise ValueError(f"{path} holds {index.get_current_count()} rows, the store {num_rows}")
@@ -153,9 +148,8 @@ class KnnIndex:
         mapped = self.mapped(query.reshape(1, -1)) if mapped is None else mapped.reshape(1, -1)
         vector = knn_vectors(mapped, self.num_timesteps, self.knn_dim, self.projection)
         with self._lock:
-            self.index.set_ef(max(ef or 0, search_ef(count)))
-            labels, _ = self.index.knn_query(vector, k=count, num_threads=1)
-        return [int(label) for label in labels[0]]
+            labels = query_hnsw(self.index, vector, count, ef)
+        return labels[0].tolist()
 
 
 #: HNSW candidates re-ranked per requested row when the HNSW vectors are smaller than the rows: with the default

@@ -298,16 +298,17 @@ class SketchProjector:
         """``2 * bucket + negative`` for global indices ``[start, start + count)``, as int32.
 
         On the CPU they are derived with numpy (:meth:`derive_codes_into`), elsewhere with torch on the device
-        (:meth:`_codes_for_range_torch`); the bits are the same."""
+        (:meth:`reference_codes_for_range`); the bits are the same."""
         device = torch.device(device)
         if device.type != "cpu":
-            return self._codes_for_range_torch(start, count, device)
+            return self.reference_codes_for_range(start, count, device)
         out = np.empty(count, dtype=np.int32)
         self.derive_codes_into(start, out)
         return torch.from_numpy(out)
 
-    def _codes_for_range_torch(self, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The reference derivation in int64 torch arithmetic (any device)."""
+    def reference_codes_for_range(self, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """:meth:`codes_for_range` by the reference derivation, in int64 torch arithmetic on ``device`` (what
+        non-CPU devices run; on the CPU, for tests and baselines: the numpy kernel gives the same bits faster)."""
         index = torch.arange(start, start + count, dtype=torch.int64, device=device)
         position = self.permutation._call_torch(index)
         return ((position // self.group) * 2 + self._signs_torch(position)).to(torch.int32)
@@ -410,11 +411,9 @@ class SketchProjector:
             self._cpu_codes = codes
         return self._cpu_codes
 
-    def _parameter_codes(self, parameter_index: int, device: torch.device) -> list[torch.Tensor]:
-        key = (parameter_index, device)
-        if key in self._codes:
-            return [self._codes[key]]
-        start, size = self.offsets[parameter_index], self.parameter_sizes[parameter_index]
+    def _keeps_codes(self, device: torch.device) -> bool:
+        """Whether every parameter's codes fit the code cache budget on ``device`` (decided, and warned about,
+        once per device)."""
         if device not in self._cache_codes:
             budget = available_memory(device) // 2 if self.code_cache_bytes is None else self.code_cache_bytes
             self._cache_codes[device] = 4 * self.total <= budget
@@ -424,7 +423,31 @@ class SketchProjector:
                     "recomputed for every gradient, several times slower; free memory or pass code_cache_bytes",
                     4 * self.total / 2**30, budget / 2**30, device,
                 )
-        if self._cache_codes[device]:
+        return self._cache_codes[device]
+
+    def prepare_codes(self, device: torch.device | str = "cpu") -> bool:
+        """Derives (or, where :mod:`~dmin_diffusers.code_cache` applies, loads) every parameter's codes on
+        ``device`` and keeps them, so that the first gradient sketched does not pay for them; otherwise that
+        happens when each parameter is first sketched. Returns whether they are kept: ``False`` when they exceed
+        the code cache budget (``code_cache_bytes``), and then nothing is derived (each gradient derives its
+        codes as it is sketched)."""
+        device = torch.device(device)
+        if not self._keeps_codes(device):
+            return False
+        for index in range(len(self.parameter_sizes)):
+            self.parameter_codes(index, device)
+        return True
+
+    def parameter_codes(self, parameter_index: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+        """The int32 codes (``2 * bucket + negative``) of one parameter's elements on ``device``: one tensor, kept
+        for the next calls, when the codes fit the code cache budget (:meth:`prepare_codes`); else pieces of at
+        most 4M elements derived anew for every call."""
+        device = torch.device(device)
+        key = (parameter_index, device)
+        if key in self._codes:
+            return [self._codes[key]]
+        start, size = self.offsets[parameter_index], self.parameter_sizes[parameter_index]
+        if self._keeps_codes(device):
             if device.type == "cpu" and self._uses_disk_cache():
                 self._codes[key] = torch.from_numpy(self._all_cpu_codes()[start : start + size])
             else:
@@ -464,16 +487,16 @@ class SketchProjector:
                     f"gradient of parameter {index} has {flat.shape[1]} elements, expected {self.parameter_sizes[index]}"
                 )
         device = accumulators.device
-        if len(flats) > 1 and all(len(self._parameter_codes(index, device)) == 1 for index in parameter_indices):
+        if len(flats) > 1 and all(len(self.parameter_codes(index, device)) == 1 for index in parameter_indices):
             key = (tuple(parameter_indices), device)
             if key not in self._group_codes:  # kept: the same groups come back for every batch
-                self._group_codes[key] = torch.cat([self._parameter_codes(i, device)[0] for i in parameter_indices])
+                self._group_codes[key] = torch.cat([self.parameter_codes(i, device)[0] for i in parameter_indices])
             pieces = [(self._group_codes[key], torch.cat(flats, dim=1))]
         else:
             pieces = []
             for index, flat in zip(parameter_indices, flats):
                 start = 0
-                for codes in self._parameter_codes(index, device):
+                for codes in self.parameter_codes(index, device):
                     pieces.append((codes, flat[:, start : start + codes.numel()]))
                     start += codes.numel()
         for codes, piece in pieces:

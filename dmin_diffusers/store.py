@@ -46,8 +46,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import STORAGE_DTYPES
+from .config import STORAGE_DTYPES, DMinConfig
 from .locks import lock_held_elsewhere
+
+#: rows read into memory at a time when the store is streamed (exact search, fits, HNSW builds)
+CHUNK_ROWS = 8192
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +147,14 @@ def read_json(path: str | os.PathLike, limit: int = MAX_SMALL_JSON_BYTES, name: 
         return json.loads(read_bounded(path, limit, name, where).decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
         raise IndexIntegrityError(f"{name} in {where} is not valid JSON ({error})") from None
+
+
+def read_json_object(path: str | os.PathLike, name: str, where: str, limit: int = MAX_SMALL_JSON_BYTES) -> dict:
+    """A JSON object read with a bound (:func:`read_json`); :class:`IndexIntegrityError` for any other value."""
+    value = read_json(path, limit, name, where)
+    if not isinstance(value, dict):
+        raise IndexIntegrityError(f"{name} in {where} is not a JSON object")
+    return value
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -695,7 +706,7 @@ class VectorStoreWriter:
     """
 
     def __init__(
-        self, directory: str | os.PathLike, row_dim: int, dtype: str, shard_size: int = 1024, name: str = "part-0",
+        self, directory: str | os.PathLike, row_dim: int, dtype: str, shard_size: int = DMinConfig.shard_size, name: str = "part-0",
         *, block_size: int | None = None,
     ):
         self.directory = Path(directory)
@@ -931,7 +942,7 @@ class VectorStore:
     def nbytes(self) -> int:
         return sum(int(shard["bytes"]) for shard in self.shards)
 
-    def iter_chunks(self, chunk_rows: int = 8192) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_chunks(self, chunk_rows: int = CHUNK_ROWS) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields ``(row_ids, float32 vectors)`` in chunks of at most ``chunk_rows`` rows, read from the
         memory-mapped shards without loading a whole shard."""
         for shard_number in range(len(self.shards)):

@@ -13,8 +13,9 @@ from dmin_diffusers.caching import cache_dataset
 from dmin_diffusers.callbacks import GradientCacheCallback
 from dmin_diffusers.cli import main as dmin_main
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
 from dmin_diffusers.inputs import preprocess_image, to_pil
+from dmin_diffusers.resolution import resolve_config
 from tiny_models import make_caption_dataset, tiny_pipeline
 from dmin_diffusers.training_data import load_training_dataset
 

@@ -8,7 +8,8 @@ import torch
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
+from dmin_diffusers.resolution import resolve_config
 from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 NUM_ROWS = 3

@@ -7,9 +7,10 @@ import pytest
 from huggingface_hub import DatasetCard
 
 import dmin_diffusers as dm
-from dmin_diffusers.card import OUTPUT_FUNCTION_TEXT, RESOLVED_FIELDS, USER_FIELDS, IndexSummary, make_index_card
+from dmin_diffusers.card import RESOLVED_FIELDS, USER_FIELDS, IndexSummary, make_index_card
 from dmin_diffusers.config import NOISE_MODES, OUTPUT_FUNCTIONS, TIMESTEP_SPACINGS
-from dmin_diffusers.objectives import spread_timesteps
+from dmin_diffusers.output_functions import output_function_named
+from dmin_diffusers.resolution import spread_timesteps
 from tiny_models import make_image_dataset, tiny_pipeline
 
 NUM_TRAIN_TIMESTEPS = 1000
@@ -22,6 +23,7 @@ def resolved_config(**settings) -> dm.DMinConfig:
     return config.replace(
         timesteps=timesteps, family="stable-diffusion", objective="epsilon", num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         parameters=[["unet.x.lora_A.default.weight", [4, 8]]], parameter_fingerprint="f" * 16, denoiser_dtype="float32",
+        preconditioning=config.preconditioning or "centered",  # the stable-diffusion family's default
     )
 
 
@@ -57,7 +59,8 @@ def test_every_setting_is_in_the_metadata_with_its_value():
 @pytest.mark.parametrize("output_function", OUTPUT_FUNCTIONS)
 def test_the_card_describes_the_output_function_that_was_used(output_function):
     text = card_of(resolved_config(output_function=output_function)).text
-    said = {name: OUTPUT_FUNCTION_TEXT[name].format(objective="epsilon") for name in OUTPUT_FUNCTIONS}
+    said = {name: output_function_named(name).description.replace("{objective}", "epsilon")
+            for name in OUTPUT_FUNCTIONS}
     assert f"The gradient of {said[output_function]}" in text
     assert not any(phrase in text for name, phrase in said.items() if name != output_function)
     if output_function != "loss":

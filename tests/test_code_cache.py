@@ -25,7 +25,7 @@ def cache_root(tmp_path, monkeypatch):
 
 def all_codes(projector):
     """Every parameter's codes, through the path that sketching takes (codes kept in CPU memory)."""
-    return torch.cat([projector._parameter_codes(i, torch.device("cpu"))[0] for i in range(len(SIZES))])
+    return torch.cat([projector.parameter_codes(i, torch.device("cpu"))[0] for i in range(len(SIZES))])
 
 
 def reference(seed=3):
@@ -98,7 +98,7 @@ def test_pieces_written_while_deriving_give_the_file_of_one_write(cache_root, mo
 def test_the_key_separates_seeds_dimensions_and_totals(cache_root):
     for seed, dim, sizes in ((3, 64, SIZES), (4, 64, SIZES), (3, 128, SIZES), (3, 64, SIZES + [1])):
         projector = SketchProjector(sizes, dim, seed, disk_cache=True)
-        projector._parameter_codes(0, torch.device("cpu"))
+        projector.parameter_codes(0, torch.device("cpu"))
     assert len(list((cache_root / "codes").iterdir())) == 4
     # the codes depend on the total only, not on how it splits into parameters
     split = SketchProjector([sum(SIZES) - 1, 1], 64, seed=3, disk_cache=True)
@@ -216,7 +216,7 @@ def test_small_models_and_a_disabled_cache_write_nothing(cache_root, monkeypatch
     assert len(list((cache_root / "codes").iterdir())) == 1
     # codes that do not fit the in-memory budget are recomputed per gradient and never cached
     monkeypatch.setenv(code_cache.CACHE_ENV, str(cache_root / "other"))
-    SketchProjector(SIZES, 64, seed=3, code_cache_bytes=0)._parameter_codes(0, torch.device("cpu"))
+    SketchProjector(SIZES, 64, seed=3, code_cache_bytes=0).parameter_codes(0, torch.device("cpu"))
     assert not (cache_root / "other").exists()
 
 

@@ -8,9 +8,9 @@ from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import resolve_config
 from dmin_diffusers.inputs import preprocess_image, to_pil
-from dmin_diffusers.objectives import make_objective, spread_timesteps
+from dmin_diffusers.objectives import make_objective
+from dmin_diffusers.resolution import resolve_config, spread_timesteps
 from tiny_models import tiny_pipeline
 
 
@@ -120,7 +120,9 @@ def test_objectives_follow_the_scheduler():
     torch.testing.assert_close(sample.target, latents)
 
     flow_scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
-    flow = make_objective(flow_scheduler)
+    # a flow-matching scheduler's config names no prediction_type: the family's declared objective is used
+    assert make_objective(flow_scheduler).name == "epsilon"
+    flow = make_objective(flow_scheduler, default="flow_matching")
     assert flow.name == "flow_matching"
     sigmas = flow.sigmas
     assert torch.all(sigmas[1:] > sigmas[:-1])  # the noise level grows with t
@@ -134,9 +136,11 @@ def test_objectives_follow_the_scheduler():
 def test_inference_does_not_change_the_training_schedule():
     """Pipelines shrink their scheduler with set_timesteps; the objective must not see that."""
     pipe = tiny_pipeline("sd3")
-    before = make_objective(pipe.scheduler).noised(torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), 500).noisy
+    family = detect_family(pipe)
+    before = family.objective().noised(torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), 500).noisy
     pipe("a red circle", num_inference_steps=2, output_type="np")
-    after = make_objective(pipe.scheduler).noised(torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), 500).noisy
+    after = family.objective().noised(torch.zeros(1, 4, 2, 2), torch.ones(1, 4, 2, 2), 500).noisy
+    assert family.objective().name == "flow_matching"
     torch.testing.assert_close(before, after)
 
 

@@ -19,8 +19,9 @@ from diffusers import (
 
 import dmin_diffusers as dm
 from dmin_diffusers.families import PipelineFamily, detect_family, family_named, register_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
 from dmin_diffusers.inputs import preprocess_image
+from dmin_diffusers.resolution import resolve_config
 from tiny_models import make_caption_dataset, tiny_pipeline
 
 

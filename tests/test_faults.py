@@ -19,6 +19,7 @@ import torch
 import dmin_diffusers as dm
 import dmin_diffusers.index as index_module
 import dmin_diffusers.store as store_module
+from dmin_diffusers.build_directory import STAGING_NAME
 from dmin_diffusers.caching import cache_dataset
 from dmin_diffusers.gradients import GradientSketcher
 from dmin_diffusers.store import DiskFullError
@@ -212,7 +213,7 @@ def test_a_failed_save_never_blocks_the_next_nor_breaks_the_index_it_replaces(na
             if failed:
                 first.save_pretrained(target, overwrite=overwrite)  # never refused, never stale-locked
             assert _manifest(target)["shards"] == expected["a"]["shards"]
-            assert not (target / index_module.STAGING_NAME).exists()
+            assert not (target / STAGING_NAME).exists()
         if len(calls) < n:
             break
     assert reached

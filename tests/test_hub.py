@@ -20,8 +20,8 @@ from huggingface_hub import (
 import dmin_diffusers as dm
 from dmin_diffusers.dataset_rows import HubDatasetRows
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import check_config_matches
-from dmin_diffusers.index import describe_dataset
+from dmin_diffusers.build_directory import describe_dataset
+from dmin_diffusers.resolution import check_config_matches
 from dmin_diffusers.store import IndexIntegrityError
 from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 

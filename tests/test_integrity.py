@@ -269,7 +269,7 @@ def test_an_index_built_with_the_lora_scale_at_zero_fails_loudly(tmp_path):
 def test_a_writer_holding_the_lock_is_reported_busy_before_its_files_are_judged(built, tmp_path):
     """The winner of a race has written its dataset reference but not yet its config: the loser must hear that
     another process is writing, not that the directory is foreign."""
-    from dmin_diffusers.index import check_not_foreign, prepare_index_directory
+    from dmin_diffusers.build_directory import check_not_foreign, prepare_index_directory
 
     pipe, dataset, _ = built
     busy = tmp_path / "busy"
@@ -288,7 +288,7 @@ def test_a_writer_holding_the_lock_is_reported_busy_before_its_files_are_judged(
 
 
 def test_replace_stale_deletes_only_an_index_built_otherwise(built, tmp_path, caplog):
-    from dmin_diffusers.index import prepare_index_directory
+    from dmin_diffusers.build_directory import prepare_index_directory
 
     pipe, dataset, source = built
     directory = tmp_path / "rerun"

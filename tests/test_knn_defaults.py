@@ -79,7 +79,8 @@ def test_candidates_are_oversampled_unless_the_vectors_are_the_rows(monkeypatch,
         config = dm.DMinConfig(num_timesteps=T, projection_dim=K, **fields)
         index = pipe.build_attribution_index(dataset, tmp_path / name, config=config, progress=False)
         candidates = index.knn.candidates
-        monkeypatch.setattr(index.knn, "candidates", lambda q, count: asked.append(count) or candidates(q, count))
+        monkeypatch.setattr(index.knn, "candidates",  # ``mapped=``: the query in a preconditioner's geometry
+                            lambda q, count, **kw: asked.append(count) or candidates(q, count, **kw))
         pipe.attribute(dataset[0]["image"], dataset[0]["text"], top_k=1)
     assert asked == [OVERSAMPLING, 1]
 

@@ -8,8 +8,8 @@ import torch
 import dmin_diffusers as dm
 from dmin_diffusers.config import PAPER_RECIPE
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
-from dmin_diffusers.objectives import spread_timesteps
+from dmin_diffusers.gradients import GradientSketcher
+from dmin_diffusers.resolution import resolve_config, spread_timesteps
 from tiny_models import make_caption_dataset, make_image_dataset, tiny_pipeline
 
 OPTIONS = [
@@ -170,7 +170,8 @@ def test_training_scripts_and_the_cli_choose_the_recipe():
     parsed = build_parser().parse_args(["cache", "--pretrained_model_name_or_path", "x", "--output_dir", "o",
                                         "--output_function", "squared_norm", "--noise", "per_timestep",
                                         "--paper_recipe"])
-    assert (parsed.output_function, parsed.noise, parsed.paper_recipe) == ("squared_norm", "per_timestep", True)
+    assert (parsed.dmin_output_function, parsed.dmin_noise, parsed.paper_recipe) == ("squared_norm", "per_timestep",
+                                                                                    True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["cache", "--pretrained_model_name_or_path", "x", "--output_dir", "o",
                                    "--timestep_spacing", "random"])

@@ -9,7 +9,8 @@ import torch
 import dmin_diffusers as dm
 from dmin_diffusers import sketch as sketch_module
 from dmin_diffusers.families import detect_family
-from dmin_diffusers.gradients import GradientSketcher, resolve_config
+from dmin_diffusers.gradients import GradientSketcher
+from dmin_diffusers.resolution import resolve_config
 from dmin_diffusers.sketch import KeyedPermutation, SketchProjector, fold_sketch
 from tiny_models import make_image_dataset, tiny_pipeline
 
@@ -80,6 +81,23 @@ def test_uncached_chunked_codes_equal_cached_codes(monkeypatch):
     cached = stream(SketchProjector(sizes, 128, seed=4), parts)
     uncached = stream(SketchProjector(sizes, 128, seed=4, code_cache_bytes=0), parts)
     assert torch.equal(cached, uncached)
+
+
+def test_prepared_codes_are_kept_and_are_the_derived_codes(monkeypatch):
+    monkeypatch.setattr(sketch_module, "_CODE_CHUNK", 100)
+    sizes = [1234, 567]
+    projector = SketchProjector(sizes, 128, seed=4)
+    assert projector.prepare_codes("cpu")
+    for index, (start, size) in enumerate(zip(projector.offsets, sizes)):
+        (kept,) = projector.parameter_codes(index)
+        assert kept is projector.parameter_codes(index, torch.device("cpu"))[0]  # kept, not derived again
+        assert torch.equal(kept, projector.codes_for_range(start, size))
+    over_budget = SketchProjector(sizes, 128, seed=4, code_cache_bytes=0)
+    derived = []
+    monkeypatch.setattr(over_budget, "codes_for_range", lambda *args: derived.append(args))
+    assert not over_budget.prepare_codes("cpu") and not derived  # nothing derived ahead of the gradients
+    pieces = SketchProjector(sizes, 128, seed=4, code_cache_bytes=0).parameter_codes(0)  # derived per call
+    assert len(pieces) == 13 and torch.equal(torch.cat(pieces), projector.parameter_codes(0)[0])
 
 
 def test_codes_are_pinned_integers():
@@ -163,7 +181,7 @@ def test_numpy_derivation_gives_the_bits_of_the_torch_derivation(monkeypatch, si
     for start, count in sorted(ranges):
         new = projector.codes_for_range(start, count)
         assert new.dtype == torch.int32 and new.shape == (count,)
-        assert torch.equal(new, projector._codes_for_range_torch(start, count)), (start, count)
+        assert torch.equal(new, projector.reference_codes_for_range(start, count)), (start, count)
     sample = np.array(sorted({0, total - 1, total // 2, total // 7}), dtype=np.int64)
     assert projector.codes_at(sample).tolist() == [_reference_code(projector, int(i)) for i in sample]
 

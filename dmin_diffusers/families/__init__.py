@@ -2,7 +2,7 @@
 :class:`PipelineFamily` that says how to run the family's denoiser exactly as its training scripts do."""
 
 from .base import LatentFamily, PipelineFamily, PreparedExample, sample_size
-from .registry import detect_family, family_named, register_family, registered_families
+from .registry import detect_family, family_named, register_family, register_ready_made, registered_families
 
 __all__ = [
     "LatentFamily",
@@ -11,6 +11,7 @@ __all__ = [
     "detect_family",
     "family_named",
     "register_family",
+    "register_ready_made",
     "registered_families",
     "sample_size",
 ]

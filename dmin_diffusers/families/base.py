@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..config import DMinConfig
+from ..fingerprints import DEFAULT_INPUT_MODELS
 from ..inputs import CropGeometry, ImageInput, preprocess_with_geometry
 from ..objectives import make_objective
 
@@ -32,9 +33,17 @@ class PipelineFamily:
     Attributes:
         name: the family's name, recorded in index configs (``"stable-diffusion"``, ``"sdxl"``, ...).
         pipeline_classes: the diffusers pipeline classes it serves (subclasses included).
-        ready_made: the ``DMin...Pipeline`` class with attribution built in, if the family ships one.
+        ready_made: the ``DMin...Pipeline`` class with attribution built in, if the family has one (the shipped
+            families' are registered by :mod:`dmin_diffusers.pipelines`, see
+            :func:`~dmin_diffusers.families.register_ready_made`).
         denoiser_name: the pipeline component that is trained (``"unet"`` or ``"transformer"``).
         takes_prompt: whether images come with a prompt (``False`` for unconditional models).
+        training_objective: the objective the family's models are trained with when the scheduler config names
+            none (a flow-matching scheduler has no ``prediction_type``): ``"flow_matching"`` for SD3 and Flux;
+            ``None`` means epsilon. A ``prediction_type`` in the scheduler config always wins.
+        input_models: the pipeline components that turn an (image, prompt) into the denoiser's inputs, as
+            ``fnmatch`` patterns of component names (by default the VAE, text encoders and tokenizers); their
+            weights and vocabularies are fingerprinted into the index config and checked at every query.
         default_max_sequence_length: the T5 prompt length of the family's training scripts (T5 families only).
         default_preconditioning: ``DMinConfig.preconditioning`` when the config leaves it unset, chosen per kind of
             model on the detection benchmark's selection queries (``benchmarks/results/quality.md``, "Choice of the
@@ -47,6 +56,8 @@ class PipelineFamily:
     ready_made: ClassVar[type | None] = None
     denoiser_name: ClassVar[str] = "unet"
     takes_prompt: ClassVar[bool] = True
+    training_objective: ClassVar[str | None] = None
+    input_models: ClassVar[tuple[str, ...]] = DEFAULT_INPUT_MODELS
     default_max_sequence_length: ClassVar[int | None] = None
     default_preconditioning: ClassVar[str] = "none"
     training_scripts: ClassVar[tuple[str, ...]] = ()
@@ -84,8 +95,9 @@ class PipelineFamily:
                 "preconditioning": config.preconditioning or self.default_preconditioning}
 
     def objective(self, name: str | None = None):
-        """The training objective, from the pipeline's scheduler config (``name`` overrides the choice)."""
-        return make_objective(self.pipeline.scheduler, name)
+        """The training objective, from the pipeline's scheduler config, else :attr:`training_objective`
+        (``name`` overrides the choice)."""
+        return make_objective(self.pipeline.scheduler, name, self.training_objective)
 
     def prepare(self, image: ImageInput, prompt: str | None, config: DMinConfig) -> PreparedExample:
         """One (image, prompt) pair as model inputs, preprocessed as the training scripts do."""

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import DDIMPipeline, DDPMPipeline
 
-from ..mixin import InfluenceMixin
 from .base import PipelineFamily, sample_size
 from .registry import register_family
-
-
-class DMinDDPMPipeline(InfluenceMixin, DDPMPipeline):
-    """`DDPMPipeline` with DMin attribution: ``pipe.attribute(image, top_k=10)``."""
 
 
 @register_family
@@ -20,8 +15,8 @@ class DDPMFamily(PipelineFamily):
 
     name = "ddpm"
     pipeline_classes = (DDPMPipeline, DDIMPipeline)
-    ready_made = DMinDDPMPipeline
     takes_prompt = False
+    input_models = ()  # pixels go straight into the UNet
     training_scripts = ("unconditional_image_generation/train_unconditional.py",)
 
     def native_resolution(self) -> int:

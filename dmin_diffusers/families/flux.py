@@ -6,16 +6,11 @@ from __future__ import annotations
 import torch
 from diffusers import FluxPipeline
 
-from ..mixin import InfluenceMixin
 from .base import LatentFamily
 from .registry import register_family
 
 #: the guidance value diffusers' Flux training scripts give a guidance-embedding transformer (``--guidance_scale``)
 DEFAULT_TRAINING_GUIDANCE = 3.5
-
-
-class DMinFluxPipeline(InfluenceMixin, FluxPipeline):
-    """`FluxPipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
 
 
 @register_family
@@ -27,8 +22,8 @@ class FluxFamily(LatentFamily):
 
     name = "flux"
     pipeline_classes = (FluxPipeline,)
-    ready_made = DMinFluxPipeline
     denoiser_name = "transformer"
+    training_objective = "flow_matching"  # its scheduler config names no prediction_type
     default_max_sequence_length = 512
     training_scripts = ("dreambooth/train_dreambooth_flux.py", "dreambooth/train_dreambooth_lora_flux.py")
 

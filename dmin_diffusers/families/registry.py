@@ -2,13 +2,15 @@
 
 A pipeline's family is found by walking its class's MRO against the registered pipeline classes, so subclasses
 (the ``DMin...Pipeline`` classes, your own) are served by their parent's family. The families shipped with
-dmin-diffusers are the other modules of this package, each registering itself when imported.
+dmin-diffusers are the other modules of this package, each registering itself when imported; their ready-made
+pipeline classes register themselves with :func:`register_ready_made` from :mod:`dmin_diffusers.pipelines`.
 """
 
 from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 from .base import PipelineFamily
@@ -38,6 +40,29 @@ def register_family(family: type[PipelineFamily]) -> type[PipelineFamily]:
     _BY_NAME[family.name] = family
     _BY_PIPELINE_CLASS.update(dict.fromkeys(family.pipeline_classes, family))
     return family
+
+
+def register_ready_made(family_name: str) -> Callable[[type], type]:
+    """Records the decorated pipeline class as the ready-made ``DMin...Pipeline`` of the family called
+    ``family_name`` (its :attr:`~dmin_diffusers.families.PipelineFamily.ready_made`, which ``enable_attribution``
+    and the index card use). The class must derive from one of the family's pipeline classes; a family has at most
+    one ready-made class (``ValueError``). The shipped families' classes are registered in
+    :mod:`dmin_diffusers.pipelines`, above the families, which never import the mixin."""
+
+    def register(pipeline_class: type) -> type:
+        family = family_named(family_name)
+        if family is None:
+            raise ValueError(f"no family named {family_name!r} is registered")
+        if not (isinstance(pipeline_class, type) and issubclass(pipeline_class, family.pipeline_classes)):
+            raise TypeError(f"{pipeline_class!r} does not derive from a pipeline class of the {family_name!r} family")
+        if family.ready_made not in (None, pipeline_class):
+            raise ValueError(
+                f"the {family_name!r} family already has a ready-made class ({family.ready_made.__name__})"
+            )
+        family.ready_made = pipeline_class
+        return pipeline_class
+
+    return register
 
 
 def _load_builtins() -> None:

@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ..mixin import InfluenceMixin
 from .base import LatentFamily
 from .registry import register_family
-
-
-class DMinStableDiffusionPipeline(InfluenceMixin, StableDiffusionPipeline):
-    """`StableDiffusionPipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
 
 
 @register_family
@@ -20,7 +15,6 @@ class StableDiffusionFamily(LatentFamily):
 
     name = "stable-diffusion"
     pipeline_classes = (StableDiffusionPipeline,)
-    ready_made = DMinStableDiffusionPipeline
     training_scripts = ("text_to_image/train_text_to_image.py", "text_to_image/train_text_to_image_lora.py",
                         "dreambooth/train_dreambooth_lora.py")
 

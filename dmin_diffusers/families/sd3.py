@@ -5,13 +5,8 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusion3Pipeline
 
-from ..mixin import InfluenceMixin
 from .base import LatentFamily
 from .registry import register_family
-
-
-class DMinStableDiffusion3Pipeline(InfluenceMixin, StableDiffusion3Pipeline):
-    """`StableDiffusion3Pipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
 
 
 @register_family
@@ -21,8 +16,8 @@ class StableDiffusion3Family(LatentFamily):
 
     name = "sd3"
     pipeline_classes = (StableDiffusion3Pipeline,)
-    ready_made = DMinStableDiffusion3Pipeline
     denoiser_name = "transformer"
+    training_objective = "flow_matching"  # its scheduler config names no prediction_type
     default_max_sequence_length = 77
     training_scripts = ("dreambooth/train_dreambooth_sd3.py", "dreambooth/train_dreambooth_lora_sd3.py")
 

@@ -6,13 +6,8 @@ from __future__ import annotations
 import torch
 from diffusers import StableDiffusionXLPipeline
 
-from ..mixin import InfluenceMixin
 from .base import LatentFamily
 from .registry import register_family
-
-
-class DMinStableDiffusionXLPipeline(InfluenceMixin, StableDiffusionXLPipeline):
-    """`StableDiffusionXLPipeline` with DMin attribution: ``pipe.attribute(image, prompt, top_k=10)``."""
 
 
 @register_family
@@ -24,7 +19,6 @@ class StableDiffusionXLFamily(LatentFamily):
 
     name = "sdxl"
     pipeline_classes = (StableDiffusionXLPipeline,)
-    ready_made = DMinStableDiffusionXLPipeline
     training_scripts = ("text_to_image/train_text_to_image_sdxl.py", "text_to_image/train_text_to_image_lora_sdxl.py",
                         "dreambooth/train_dreambooth_lora_sdxl.py")
 
