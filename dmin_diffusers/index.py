@@ -446,6 +446,10 @@ class AttributionIndex:
 
     def _artefact(self, artefact: Artefact) -> Any:
         with self._lock:
+            # the artefacts before it first (the HNSW graph is built in the preconditioner's geometry): refitting a
+            # missing one rewrites the manifest and pins the files again, which must not happen under a load
+            for earlier in ARTEFACTS[: ARTEFACTS.index(artefact)]:
+                self._artefact(earlier)
             if artefact.name not in self._fitted:
                 missing = [name for name in artefact.needed(self.config) if not self._listed(name)]
                 if not missing:
