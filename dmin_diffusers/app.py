@@ -25,7 +25,8 @@ from PIL import ImageDraw
 from .families import detect_family
 from .index import AttributionIndex
 from .inputs import to_pil
-from .mixin import DEFAULT_TOP_K, InfluenceMixin
+from .mixin import InfluenceMixin
+from .search import DEFAULT_TOP_K
 from .result import AttributionResult
 
 #: rows drawn in the per-timestep chart (the chart of 10 lines is unreadable)

@@ -10,6 +10,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, constants
 
 from .config import DMinConfig
 from .families import family_named
+from .hub import DEFAULT_REPO_TYPE
 from .output_functions import output_function_named
 from .preconditionings import preconditioning_named
 from .resolution import spread_timesteps
@@ -132,14 +133,14 @@ class IndexSummary:
     total_bytes: int
 
 
-def usage_snippet(config: DMinConfig, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None) -> str:
+def usage_snippet(config: DMinConfig, repo_id: str, repo_type: str = DEFAULT_REPO_TYPE, subfolder: str | None = None) -> str:
     """Python that loads the index from ``repo_id`` into its pipeline and attributes an image."""
     family = family_named(config.family or "")
     ready_made = family.ready_made if family is not None else None
     cls = f"dm.{ready_made.__name__}" if ready_made is not None else "DiffusionPipeline"
     extra = "".join(
         f", {key}={value!r}" for key, value in (("repo_type", repo_type), ("subfolder", subfolder))
-        if value and value != ("dataset" if key == "repo_type" else None)
+        if value and value != (DEFAULT_REPO_TYPE if key == "repo_type" else None)
     )
     lines = ["import dmin_diffusers as dm"] + ([] if ready_made else ["from diffusers import DiffusionPipeline"])
     lines += ["", f'pipe = {cls}.from_pretrained("{config.base_model or "<base model>"}")']
@@ -259,7 +260,7 @@ unless `strict=False` is passed.
 
 
 def make_index_card(
-    index: IndexSummary, repo_id: str, repo_type: str = "dataset", subfolder: str | None = None
+    index: IndexSummary, repo_id: str, repo_type: str = DEFAULT_REPO_TYPE, subfolder: str | None = None
 ) -> DatasetCard:
     """A dataset card describing an index: model, training data, DMin settings, storage, how it was built and how
     to use it. Its metadata carries :data:`CARD_TAGS`, ``viewer: false`` (the files are not a table) and the

@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from huggingface_hub.errors import HfHubHTTPError
@@ -32,9 +33,10 @@ from .config import SCORING_FIELDS, DMinConfig
 from .gradients import DEFAULT_BATCH_BYTES
 from .hub import DEFAULT_REPO_TYPE
 from .index import AttributionIndex
+from .search import DEFAULT_TOP_K
 from .inputs import open_image
 from .locks import IndexBusyError
-from .mixin import DEFAULT_TOP_K, enable_attribution
+from .mixin import enable_attribution
 from .setting_arguments import add_setting_arguments, chosen_settings
 from .training_data import INDEX_SUBFOLDER
 
@@ -128,9 +130,17 @@ def _add_training_script_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``dmin`` command line: one sub-command per job."""
     parser = argparse.ArgumentParser(prog="dmin", description="DMin training-data attribution for diffusers")
     commands = parser.add_subparsers(dest="command", required=True)
+    for add_command in (_add_cache_command, _add_attribute_command, _add_app_command, _add_refit_command,
+                        _add_push_command):
+        add_command(commands)
+    return parser
 
+
+def _add_cache_command(commands: Any) -> None:
+    """``dmin cache``: a training script's arguments, and the DMin settings."""
     cache = commands.add_parser(
         "cache", help="cache the compressed gradients of a training set",
         # no abbreviations: a misspelt option must be an error, not a prefix of a training script's option
@@ -178,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the DMin paper's exact recipe (DMinConfig.paper()) instead of the measured default")
     _add_training_script_arguments(cache)
 
+
+def _add_attribute_command(commands: Any) -> None:
+    """``dmin attribute``."""
     attribute = commands.add_parser("attribute", help="the most influential training rows of an image")
     _add_pipeline_arguments(attribute)
     attribute.add_argument("--index", required=True, help="attribution index (directory or Hub id)")
@@ -187,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     attribute.add_argument("--exact", action="store_true", help="score every row instead of HNSW")
     attribute.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
 
+
+def _add_app_command(commands: Any) -> None:
+    """``dmin app``."""
     app = commands.add_parser("app", help='a page to look at attributions (pip install "dmin-diffusers[app]")')
     _add_pipeline_arguments(app)
     app.add_argument("--index", required=True, help="attribution index (directory or Hub id)")
@@ -203,12 +219,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="port to serve the page on (default: $GRADIO_SERVER_PORT, else 7860)")
     app.add_argument("--no_strict", action="store_true", help="allow an index of another model (warns)")
 
+
+def _add_refit_command(commands: Any) -> None:
+    """``dmin refit``."""
     refit = commands.add_parser(
         "refit", help="switch an index to another preconditioning, fitted from its stored rows (no gradients)"
     )
     refit.add_argument("--index", required=True, help="directory of the attribution index")
     add_setting_arguments(refit, names=SCORING_FIELDS)
 
+
+def _add_push_command(commands: Any) -> None:
+    """``dmin push``."""
     push = commands.add_parser("push", help="upload an attribution index to the Hugging Face Hub")
     push.add_argument("--index", required=True)
     push.add_argument("--repo_id", required=True)
@@ -217,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--branch", "--revision", dest="branch", default=None, help="branch to push to")
     push.add_argument("--create_pr", action="store_true", help="open a pull request instead of committing")
     push.add_argument("--repo_type", default=DEFAULT_REPO_TYPE)
-    return parser
+
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")

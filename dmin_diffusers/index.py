@@ -23,10 +23,11 @@ from huggingface_hub import CommitInfo
 
 from .build_directory import STAGING_NAME, check_not_foreign, index_entries
 from .card import IndexSummary, make_index_card
-from .config import CONFIG_NAME, DMinConfig
+from .config import CONFIG_NAME, DMinConfig, default_knn_dim
 from .dataset_rows import HubDatasetRows
 from .fingerprints import check_dataset_digest
 from .hub import (
+    DEFAULT_REPO_TYPE,
     DATASET_INFO_NAME,
     DEFAULT_MAX_COMMIT_BYTES,
     resolve_index_location,
@@ -35,7 +36,7 @@ from .hub import (
 from .artefacts import ARTEFACT_FILES, ARTEFACTS, Artefact
 from .locks import LOCK_NAME, index_write_lock, lock_held_elsewhere
 from .preconditioner import Preconditioner
-from .search import KnnIndex, approximate_top_k, exact_top_k
+from .search import DEFAULT_TOP_K, KnnIndex, approximate_top_k, exact_top_k
 from .store import (
     MANIFEST_NAME,
     MAX_SMALL_JSON_BYTES,
@@ -158,7 +159,7 @@ class AttributionIndex:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
-        repo_type: str = "dataset",
+        repo_type: str = DEFAULT_REPO_TYPE,
         subfolder: str | None = None,
         force_download: bool = False,
         verify: bool | None = None,
@@ -300,7 +301,7 @@ class AttributionIndex:
         branch: str | None = None,
         create_pr: bool = False,
         commit_message: str | None = None,
-        repo_type: str = "dataset",
+        repo_type: str = DEFAULT_REPO_TYPE,
         subfolder: str | None = None,
         max_commit_bytes: int = DEFAULT_MAX_COMMIT_BYTES,
     ) -> CommitInfo:
@@ -430,7 +431,8 @@ class AttributionIndex:
 
     @property
     def knn_dim(self) -> int:
-        return self.config.knn_dim or self.config.projection_dim
+        """HNSW values per timestep: the config's, else the default that resolving a config fills in."""
+        return self.config.knn_dim or default_knn_dim(self.config.projection_dim)
 
     @property
     def preconditioner(self) -> Preconditioner:
@@ -564,7 +566,7 @@ class AttributionIndex:
                 changed.append(name)
         return changed
 
-    def search(self, query: torch.Tensor, top_k: int = 10, exact: bool = False) -> tuple[list[int], list[float]]:
+    def search(self, query: torch.Tensor, top_k: int = DEFAULT_TOP_K, exact: bool = False) -> tuple[list[int], list[float]]:
         """The ``top_k`` rows with the largest influence score on a ``(T, K)`` query vector, in the index's
         preconditioned geometry (``config.preconditioning``).
 

@@ -16,7 +16,8 @@ from .caching import DEFAULT_IMAGE_COLUMN, cache_dataset
 from .config import CONFIG_NAME, DMinConfig, check_integer
 from .families import PipelineFamily, detect_family
 from .gradients import DEFAULT_BATCH_BYTES, GradientSketcher
-from .hub import resolve_index_location
+from .hub import DEFAULT_REPO_TYPE, resolve_index_location
+from .search import DEFAULT_TOP_K
 from .index import AttributionIndex
 from .inputs import ImageInput, to_pil
 from .model_state import ModelMismatchError, model_lock, pipeline_state
@@ -25,7 +26,6 @@ from .result import AttributionResult
 
 
 #: rows returned by ``attribute`` (and ``dmin attribute``) unless told otherwise
-DEFAULT_TOP_K = 10
 
 
 @dataclass(frozen=True)
@@ -177,7 +177,7 @@ class InfluenceMixin:
         downloaded (then from the commit that config was read from)."""
         location = resolve_index_location(
             name_or_path, revision=revision, token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
-            local_files_only=kwargs.get("local_files_only", False), repo_type=kwargs.get("repo_type", "dataset"),
+            local_files_only=kwargs.get("local_files_only", False), repo_type=kwargs.get("repo_type", DEFAULT_REPO_TYPE),
             subfolder=kwargs.get("subfolder"), metadata_only=True,
         )
         if not location.from_hub:

@@ -17,6 +17,9 @@ from .sketch import fold_sketch
 from .config import DMinConfig
 from .store import CHUNK_ROWS, VectorStore, sync_file
 
+#: how many rows a query returns unless told otherwise
+DEFAULT_TOP_K = 10
+
 KNN_NAME = "knn.bin"
 #: the files of the HNSW index, both optional (rebuilt from the rows when missing)
 KNN_FILES = (KNN_NAME, KNN_PROJECTION_NAME)
