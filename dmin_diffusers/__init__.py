@@ -8,6 +8,7 @@ from .locks import IndexBusyError
 from .mixin import InfluenceMixin, enable_attribution
 from .model_state import ModelMismatchError
 from .output_functions import register_output_function
+from .preconditionings import register_preconditioning
 from .pipelines import (
     DMinDDPMPipeline,
     DMinFluxPipeline,
@@ -42,5 +43,6 @@ __all__ = [
     "fold_sketch",
     "register_family",
     "register_output_function",
+    "register_preconditioning",
     "registered_families",
 ]
