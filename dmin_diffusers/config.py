@@ -56,11 +56,10 @@ MAX_SHARD_SIZE = 1 << 20
 
 
 def check_method(method: str, damping: float) -> None:
-    """``ValueError`` unless ``method`` is a registered preconditioning and ``damping`` a finite number in
-    (0, 1e3]."""
+    """``ValueError`` unless ``method`` and ``damping`` are valid ``preconditioning`` (not ``None``) and
+    ``preconditioning_damping`` values, checked by their declarations."""
     preconditioning_named(method)
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not 0 < damping <= 1e3:
-        raise ValueError(f"preconditioning_damping must be a number in (0, 1000], got {damping!r}")
+    settings()["preconditioning_damping"].check("preconditioning_damping", damping)
 
 
 def default_knn_dim(projection_dim: int) -> int:
